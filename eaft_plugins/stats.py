@@ -1,0 +1,83 @@
+"""EAFT statistics kept as sums and counts, so they add up across micro-batches and ranks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import torch
+
+_FIELDS = ("ce_sum", "weight_sum", "entropy_sum", "conflict_count", "tokens")
+
+
+@dataclass
+class EAFTStats:
+    """Detached float64 sums over supervised tokens.
+
+    ce_sum: plain (unweighted) cross-entropy; weight_sum: EAFT weights as applied
+    (after gate and weight_norm); entropy_sum: normalised entropy Htilde;
+    conflict_count: tokens with Htilde < h_min and p(label) < p_min; tokens: count.
+    """
+
+    ce_sum: torch.Tensor
+    weight_sum: torch.Tensor
+    entropy_sum: torch.Tensor
+    conflict_count: torch.Tensor
+    tokens: torch.Tensor
+
+    @classmethod
+    def zeros(cls, device=None) -> "EAFTStats":
+        return cls(*(torch.zeros((), dtype=torch.float64, device=device) for _ in _FIELDS))
+
+    @classmethod
+    def from_vector(cls, vec: torch.Tensor) -> "EAFTStats":
+        return cls(*vec.unbind(0))
+
+    def to_vector(self) -> torch.Tensor:
+        return torch.stack([getattr(self, f) for f in _FIELDS])
+
+    def __add__(self, other: "EAFTStats") -> "EAFTStats":
+        return EAFTStats.from_vector(self.to_vector() + other.to_vector().to(self.ce_sum.device))
+
+    def all_reduce(self, group=None) -> "EAFTStats":
+        """Sum over ranks. Every rank of the group must call this (a rank with no tokens too)."""
+        import torch.distributed as dist
+
+        vec = self.to_vector().clone()
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(vec, op=dist.ReduceOp.SUM, group=group)
+        return EAFTStats.from_vector(vec)
+
+    def means(self, prefix: str = "eaft/") -> Dict[str, float]:
+        """Per-token means for logging; zeros when no token was supervised."""
+        n = float(self.tokens)
+        div = n if n > 0 else 1.0
+        return {
+            f"{prefix}ce": float(self.ce_sum) / div,
+            f"{prefix}weight": float(self.weight_sum) / div,
+            f"{prefix}entropy": float(self.entropy_sum) / div,
+            f"{prefix}conflict_frac": float(self.conflict_count) / div,
+            f"{prefix}tokens": n,
+        }
+
+    @property
+    def mean_weight(self) -> Optional[float]:
+        n = float(self.tokens)
+        return float(self.weight_sum) / n if n > 0 else None
+
+
+class StatsAccumulator:
+    """Adds up EAFTStats between log points; `pop` reduces over ranks and resets."""
+
+    def __init__(self) -> None:
+        self._total: Optional[EAFTStats] = None
+
+    def add(self, stats: EAFTStats) -> None:
+        self._total = stats if self._total is None else self._total + stats
+
+    def pop(self, group=None, device=None, reduce: bool = True) -> EAFTStats:
+        total = self._total if self._total is not None else EAFTStats.zeros(device)
+        if device is not None:
+            total = EAFTStats.from_vector(total.to_vector().to(device))
+        self._total = None
+        return total.all_reduce(group) if reduce else total
