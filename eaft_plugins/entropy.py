@@ -12,7 +12,7 @@ from .stats import EAFTStats
 
 def entropy_of_logits(values: torch.Tensor) -> torch.Tensor:
     """Entropy (nats) of softmax over the last dim. `entr` keeps -inf entries at 0, not NaN."""
-    p = torch.softmax(values.float(), dim=-1)
+    p = torch.softmax(values.to(torch.promote_types(values.dtype, torch.float32)), dim=-1)
     return torch.special.entr(p).sum(-1)
 
 

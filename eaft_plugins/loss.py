@@ -17,6 +17,16 @@ class EAFTOutput(NamedTuple):
     stats: EAFTStats
 
 
+class TokenScores(NamedTuple):
+    """Per supervised token (in flattened, shifted order): row index, label, CE, Htilde, weight."""
+
+    index: torch.Tensor
+    labels: torch.Tensor
+    ce: torch.Tensor
+    entropy: torch.Tensor
+    weight: torch.Tensor
+
+
 def shift_labels(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
     """Causal shift: position i is scored against label i+1; the last position is unsupervised."""
     return F.pad(labels[..., 1:], (0, 1), value=ignore_index)
@@ -42,6 +52,38 @@ def eaft_loss(
     loss_scale. Options: see EAFTOptions (keywords or `options=`).
     """
     opts = make_options(options, **option_overrides)
+    flat, idx, y, token_scale = _prepare(logits, labels, opts, shift, token_scale)
+    lse, ce, h_norm = _scores(flat, idx, y, opts)
+    check_finite(lse, ce, h_norm)
+    w, stats = finish_weights(h_norm, ce, opts, mean_weight, generator)
+    if token_scale is not None:
+        w = w * token_scale.reshape(-1).to(w.device, w.dtype)[idx]
+    coef = w / _denominator(num_items_in_batch, idx.numel(), w.device)
+    value = (coef * ce).sum()
+    loss = _WeightedCE.apply(flat, idx, y, lse, coef, value, opts.rows_per_chunk(flat.size(1)))
+    return EAFTOutput(loss, stats)
+
+
+def token_scores(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    options: OptionsLike = None,
+    shift: bool = True,
+    mean_weight: Union[float, torch.Tensor, None] = None,
+    generator: Optional[torch.Generator] = None,
+    **option_overrides,
+) -> TokenScores:
+    """The per-token quantities behind eaft_loss (no graph), for analysis and tests."""
+    opts = make_options(options, **option_overrides)
+    flat, idx, y, _ = _prepare(logits, labels, opts, shift, None)
+    lse, ce, h_norm = _scores(flat, idx, y, opts)
+    check_finite(lse, ce, h_norm)
+    w, _ = finish_weights(h_norm, ce, opts, mean_weight, generator)
+    return TokenScores(idx, y, ce, h_norm, w)
+
+
+def _prepare(logits, labels, opts: EAFTOptions, shift: bool, token_scale):
     vocab = logits.size(-1)
     opts.check_vocab(vocab)
     if logits.shape[:-1] != labels.shape:
@@ -58,16 +100,7 @@ def eaft_loss(
             token_scale = F.pad(token_scale[..., 1:], (0, 1), value=0)
     flat = logits.reshape(-1, vocab)  # a view for contiguous logits
     idx, y = supervised_rows(labels.reshape(-1), vocab, opts.ignore_index)
-
-    lse, ce, h_norm = _scores(flat, idx, y, opts)
-    check_finite(lse, ce, h_norm)
-    w, stats = finish_weights(h_norm, ce, opts, mean_weight, generator)
-    if token_scale is not None:
-        w = w * token_scale.reshape(-1).to(w.device, w.dtype)[idx]
-    coef = w / _denominator(num_items_in_batch, idx.numel(), w.device)
-    value = (coef * ce).sum()
-    loss = _WeightedCE.apply(flat, idx, y, lse, coef, value, opts.rows_per_chunk(vocab))
-    return EAFTOutput(loss, stats)
+    return flat, idx, y, token_scale
 
 
 def supervised_rows(labels_flat: torch.Tensor, vocab: int, ignore_index: int):
@@ -106,15 +139,22 @@ def _row_chunks(idx: torch.Tensor, rows: int):
         yield start, stop, (first if last - first + 1 == stop - start else None)
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for half types; float64 stays float64 (gradcheck)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _gather(flat: torch.Tensor, idx: torch.Tensor, start: int, stop: int, first: Optional[int]) -> torch.Tensor:
     if first is not None:  # a contiguous run: a view, no copy for fp32 logits
-        return flat.narrow(0, first, stop - start).float()
-    return flat.index_select(0, idx[start:stop]).float()
+        rows = flat.narrow(0, first, stop - start)
+    else:
+        rows = flat.index_select(0, idx[start:stop])
+    return rows.to(compute_dtype(flat.dtype))
 
 
 def _scores(flat: torch.Tensor, idx: torch.Tensor, y: torch.Tensor, opts: EAFTOptions):
     n = idx.numel()
-    lse = flat.new_empty(n, dtype=torch.float32)
+    lse = flat.new_empty(n, dtype=compute_dtype(flat.dtype))
     ce = torch.empty_like(lse)
     h_norm = torch.empty_like(lse)
     with torch.no_grad():
@@ -138,7 +178,7 @@ class _WeightedCE(torch.autograd.Function):
     def backward(ctx, grad_out):
         flat, idx, y, lse, coef = ctx.saved_tensors
         grad = torch.zeros_like(flat)
-        scale = coef * grad_out.float()
+        scale = coef * grad_out.to(coef.dtype)
         for start, stop, first in _row_chunks(idx, ctx.rows):
             g = torch.exp(_gather(flat, idx, start, stop, first) - lse[start:stop, None])
             g[torch.arange(stop - start, device=g.device), y[start:stop]] -= 1.0

