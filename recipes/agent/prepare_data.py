@@ -1,0 +1,77 @@
+"""Tool-use SFT data for the agent recipe, in LLaMA-Factory and ms-swift formats.
+
+The paper does not name its agent training set (it evaluates on BFCL v3). We use
+llamafactory/glaive_toolcall_en (Glaive function-calling v2, converted by LLaMA-Factory to its
+sharegpt tool format, Apache-2.0): public, multi-turn with real tool results, and already in the
+format LLaMA-Factory's qwen3 templates render with Qwen's native <tool_call> syntax. BFCL itself
+must not be trained on. Salesforce/xlam-function-calling-60k is closer to BFCL's single-turn
+categories but gated; ms-swift registers it as `Salesforce/xlam-function-calling-60k`.
+
+LLaMA-Factory reads the Hub dataset directly (recipes/agent/data/dataset_info.json). ms-swift needs
+its own roles, so this script converts each conversation:
+  human -> user, gpt -> assistant, function_call -> tool_call, observation -> tool_response,
+  tools (JSON string) -> tools
+  python recipes/agent/prepare_data.py                               # Hub -> recipes/agent/data/generated/
+  python recipes/agent/prepare_data.py --input ../shared/data/toolcall/glaive_toolcall_en_demo.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Dict, List
+
+NAME = "glaive_toolcall_en"
+ROLES = {"human": "user", "gpt": "assistant", "function_call": "tool_call", "observation": "tool_response", "system": "system"}
+
+
+def to_swift(row: dict) -> dict:
+    msgs = []
+    for turn in row["conversations"]:
+        role = ROLES.get(turn["from"])
+        if role is None:
+            raise ValueError(f"unknown sharegpt role {turn['from']!r}; known: {sorted(ROLES)}")
+        msgs.append({"role": role, "content": turn["value"]})
+    out = {"messages": msgs}
+    tools = row.get("tools")
+    if tools:
+        out["tools"] = tools if isinstance(tools, str) else json.dumps(tools, ensure_ascii=False)
+    return out
+
+
+def load(input_path: "Path | None") -> List[dict]:
+    if input_path is None:
+        from datasets import load_dataset
+
+        return list(load_dataset("llamafactory/glaive_toolcall_en", split="train"))
+    return json.loads(Path(input_path).read_text())
+
+
+def write_outputs(rows: List[dict], out_dir: Path, name: str = NAME) -> Dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lf, sw = out_dir / f"{name}.json", out_dir / f"{name}.jsonl"
+    lf.write_text(json.dumps([{"conversations": r["conversations"], "tools": r.get("tools", "")} for r in rows],
+                             ensure_ascii=False, indent=1))
+    with sw.open("w") as fh:
+        for r in rows:
+            fh.write(json.dumps(to_swift(r), ensure_ascii=False) + "\n")
+    return {"llamafactory": lf, "swift": sw}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--input", type=Path, default=None, help="local LLaMA-Factory sharegpt tool JSON (default: the Hub set)")
+    ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--out-dir", type=Path, default=Path("recipes/agent/data/generated"))
+    ap.add_argument("--name", default=NAME)
+    args = ap.parse_args(argv)
+    rows = load(args.input)[: args.limit]
+    paths = write_outputs(rows, args.out_dir, args.name)
+    print(f"{len(rows)} conversations -> {paths['llamafactory']} , {paths['swift']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+# Shared by the recipe launchers (sourced, not run). Parses
+#   <launcher> METHOD [--dry-run] [-- EXTRA...]
+# loads recipes/<domain>/hparams.sh (generated from hparams.yaml) and sets the multi-node
+# variables the frameworks' own launchers read: NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT,
+# NPROC_PER_NODE. EXTRA is appended last, so it overrides recipe values
+# (ms-swift: `-- --model X`; LLaMA-Factory: `-- model_name_or_path=X`).
+
+REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+
+launch_usage() {
+  echo "usage: $0 METHOD [--dry-run] [-- EXTRA_ARGS...]" >&2
+  echo "  METHOD: ${METHODS[*]}" >&2
+  echo "  env: NNODES=1 NODE_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=29500 NPROC_PER_NODE=8" >&2
+}
+
+# parse_launch_args DOMAIN "$@" -> METHOD, DRY_RUN, EXTRA_ARGS, LOSS_ARGS, hparams.sh variables
+parse_launch_args() {
+  local domain=$1
+  shift
+  # shellcheck source=/dev/null
+  source "$REPO_ROOT/recipes/$domain/hparams.sh"
+  METHOD=""
+  DRY_RUN=0
+  EXTRA_ARGS=()
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --dry-run) DRY_RUN=1 ;;
+      -h|--help) launch_usage; exit 0 ;;
+      --) shift; EXTRA_ARGS=("$@"); break ;;
+      -*) echo "unknown option $1 (framework arguments go after --)" >&2; launch_usage; exit 2 ;;
+      *)
+        if [ -n "$METHOD" ]; then echo "only one METHOD, got '$METHOD' and '$1'" >&2; exit 2; fi
+        METHOD=$1 ;;
+    esac
+    shift
+  done
+  if [ -z "$METHOD" ]; then launch_usage; exit 2; fi
+  local known=0 m
+  for m in "${METHODS[@]}"; do [ "$m" = "$METHOD" ] && known=1; done
+  if [ "$known" != 1 ]; then
+    echo "METHOD must be one of: ${METHODS[*]} (got '$METHOD')" >&2
+    exit 2
+  fi
+  local loss_var="LOSS_ARGS_${METHOD}[@]"
+  LOSS_ARGS=("${!loss_var}")
+
+  NNODES=${NNODES:-1}
+  NODE_RANK=${NODE_RANK:-0}
+  MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
+  MASTER_PORT=${MASTER_PORT:-29500}
+  NPROC_PER_NODE=${NPROC_PER_NODE:-8}
+  WORLD_SIZE=$((NNODES * NPROC_PER_NODE))
+}
+
+# data_parallel_grad_accum DP -> gradient accumulation that keeps GLOBAL_BATCH_SIZE
+data_parallel_grad_accum() {
+  local dp=$1 per_step
+  per_step=$((PER_DEVICE_BATCH_SIZE * dp))
+  if [ $((GLOBAL_BATCH_SIZE % per_step)) -ne 0 ]; then
+    echo "GLOBAL_BATCH_SIZE=$GLOBAL_BATCH_SIZE is not a multiple of per-device batch $PER_DEVICE_BATCH_SIZE x $dp data-parallel ranks" >&2
+    exit 2
+  fi
+  echo $((GLOBAL_BATCH_SIZE / per_step))
+}
+
+# run_launch ENV_ASSIGNMENTS... -- COMMAND...: print the exact command line; run it unless --dry-run.
+run_launch() {
+  local envs=()
+  while [ "$1" != "--" ]; do envs+=("$1"); shift; done
+  shift
+  echo "+ cd $(printf '%q' "$REPO_ROOT")"
+  echo "+ $(printf '%q ' "${envs[@]}" "$@" | sed 's/ $//')"
+  if [ "$DRY_RUN" = 1 ]; then
+    return 0
+  fi
+  cd "$REPO_ROOT"
+  exec env "${envs[@]}" "$@"
+}

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# LLaMA-Factory multi-node launcher: llamafactory-cli (FORCE_TORCHRUN=1 -> torchrun) with the
+# domain's generated YAML. gradient_accumulation_steps is rescaled so the global batch stays
+# GLOBAL_BATCH_SIZE for any NNODES x NPROC_PER_NODE.
+#   recipes/common/llamafactory.sh DOMAIN METHOD [--dry-run] [-- key=value ...]
+# Run the same command on every node with its own NODE_RANK (MASTER_ADDR = node 0).
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/launch_lib.sh"
+DOMAIN=${1:?usage: $0 DOMAIN METHOD [--dry-run] [-- key=value ...]}
+shift
+parse_launch_args "$DOMAIN" "$@"
+
+GA=$(data_parallel_grad_accum "$WORLD_SIZE")
+run_launch FORCE_TORCHRUN=1 NNODES="$NNODES" NODE_RANK="$NODE_RANK" MASTER_ADDR="$MASTER_ADDR" \
+  MASTER_PORT="$MASTER_PORT" NPROC_PER_NODE="$NPROC_PER_NODE" -- \
+  llamafactory-cli train "recipes/$DOMAIN/llamafactory/$METHOD.yaml" \
+  "gradient_accumulation_steps=$GA" \
+  "${EXTRA_ARGS[@]}"

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# ms-swift Megatron launcher (`megatron sft`, mcore-bridge loads/saves HF safetensors directly).
+# `megatron sft` starts torchrun itself from NPROC_PER_NODE, NNODES, NODE_RANK, MASTER_ADDR,
+# MASTER_PORT (swift/cli/_megatron/main.py).
+#   TP=2 PP=1 recipes/common/swift_megatron.sh DOMAIN METHOD [--dry-run] [-- --flag value ...]
+# TP/PP default to the domain's hparams.yaml (sized for a 4B model on 8x80GB); for GLM-4-32B use
+# e.g. TP=8 PP=2 on two nodes (see recipes/README.md). Data parallel = world / (TP x PP).
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/launch_lib.sh"
+DOMAIN=${1:?usage: $0 DOMAIN METHOD [--dry-run] [-- --flag value ...]}
+shift
+parse_launch_args "$DOMAIN" "$@"
+
+TP=${TP:-$DEFAULT_TP}
+PP=${PP:-$DEFAULT_PP}
+if [ $((WORLD_SIZE % (TP * PP))) -ne 0 ]; then
+  echo "world size $WORLD_SIZE is not divisible by TP=$TP x PP=$PP" >&2
+  exit 2
+fi
+DP=$((WORLD_SIZE / (TP * PP)))
+data_parallel_grad_accum "$DP" >/dev/null  # fail early when the global batch does not split
+SEQUENCE_PARALLEL=false
+if [ "$TP" -gt 1 ]; then SEQUENCE_PARALLEL=true; fi
+
+run_launch NNODES="$NNODES" NODE_RANK="$NODE_RANK" MASTER_ADDR="$MASTER_ADDR" \
+  MASTER_PORT="$MASTER_PORT" NPROC_PER_NODE="$NPROC_PER_NODE" -- \
+  megatron sft \
+  --model "$MODEL" \
+  --use_hf true \
+  --tuner_type full \
+  --torch_dtype bfloat16 \
+  --dataset "$SWIFT_DATASET" \
+  --split_dataset_ratio 0 \
+  --max_length "$MAX_LENGTH" \
+  --tensor_model_parallel_size "$TP" \
+  --pipeline_model_parallel_size "$PP" \
+  --sequence_parallel "$SEQUENCE_PARALLEL" \
+  --micro_batch_size "$PER_DEVICE_BATCH_SIZE" \
+  --global_batch_size "$GLOBAL_BATCH_SIZE" \
+  --recompute_granularity full \
+  --recompute_method uniform \
+  --recompute_num_layers 1 \
+  --num_train_epochs "$EPOCHS" \
+  --lr "$LEARNING_RATE" \
+  --lr_decay_style "$LR_SCHEDULER" \
+  --lr_warmup_fraction "$WARMUP_RATIO" \
+  --min_lr 0 \
+  --optimizer adam \
+  --weight_decay "$WEIGHT_DECAY" \
+  --adam_beta1 "$ADAM_BETA1" \
+  --adam_beta2 "$ADAM_BETA2" \
+  --clip_grad "$MAX_GRAD_NORM" \
+  --bf16 true \
+  --save_strategy epoch \
+  --no_save_optim true \
+  --no_save_rng true \
+  --save_safetensors true \
+  --logging_steps 10 \
+  --dataset_num_proc 16 \
+  --dataloader_num_workers 4 \
+  --seed "$SEED" \
+  --add_version false \
+  --output_dir "saves/megatron/$DOMAIN/$METHOD" \
+  "${LOSS_ARGS[@]}" \
+  "${EXTRA_ARGS[@]}"

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Evaluate one checkpoint (base, SFT, EAFT, ...) on a domain's target benchmarks and the paper's
+# general benchmarks (MMLU, IFEval, CLUEWSC) with EvalScope (the harness `swift eval` drives),
+# against a vLLM OpenAI-compatible server started here.
+#   bash recipes/eval/run_eval.sh DOMAIN RUN_NAME MODEL_PATH [--dry-run]
+#   e.g. bash recipes/eval/run_eval.sh math base Qwen/Qwen3-4B-Instruct-2507
+#        bash recipes/eval/run_eval.sh math eaft saves/llamafactory/math/eaft
+# Results: results/DOMAIN/RUN_NAME/<timestamp>/reports/RUN_NAME/<dataset>.json (EvalScope's layout);
+# then: python recipes/eval/collect.py --domain DOMAIN results/DOMAIN
+# Needs: pip install 'evalscope[app]' vllm  (bfcl_v3 also needs: pip install bfcl-eval)
+#        python recipes/eval/prepare_custom.py   (MedQA and CLUEWSC files for EvalScope's general_mcq)
+# Env: TP (vLLM tensor parallel, default 1), PORT (8801), EVAL_BATCH (64), LIMIT (samples per subset, unset = all)
+set -euo pipefail
+REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+DOMAIN=${1:?usage: $0 DOMAIN RUN_NAME MODEL_PATH [--dry-run]}
+RUN_NAME=${2:?usage: $0 DOMAIN RUN_NAME MODEL_PATH [--dry-run]}
+MODEL_PATH=${3:?usage: $0 DOMAIN RUN_NAME MODEL_PATH [--dry-run]}
+DRY_RUN=0
+[ "${4:-}" = "--dry-run" ] && DRY_RUN=1
+TP=${TP:-1}
+PORT=${PORT:-8801}
+EVAL_BATCH=${EVAL_BATCH:-64}
+WORK_DIR="results/$DOMAIN/$RUN_NAME"
+CUSTOM_DIR="recipes/eval/data/custom"
+
+# Sampling follows the model cards' recommended settings (the paper does not list its own).
+SERVE_EXTRA=()
+case "$DOMAIN" in
+  math)
+    TARGET=(aime24 aime25 gsm8k)
+    GEN="max_tokens=30000,temperature=0.7,top_p=0.8"
+    MAX_LEN=40960 ;;
+  medical)
+    TARGET=(med_mcqa pubmedqa)
+    GEN="max_tokens=30000,temperature=0.6,top_p=0.95"
+    MAX_LEN=40960 ;;
+  agent)
+    TARGET=(bfcl_v3)
+    GEN="max_tokens=16384,temperature=0.7,top_p=0.8"
+    MAX_LEN=32768
+    # BFCL is scored on native function calls: let vLLM parse Qwen's <tool_call> blocks.
+    SERVE_EXTRA=(--enable-auto-tool-choice --tool-call-parser hermes) ;;
+  *) echo "DOMAIN must be one of: math medical agent (got '$DOMAIN')" >&2; exit 2 ;;
+esac
+GENERAL=(mmlu ifeval)
+
+SERVE=(vllm serve "$MODEL_PATH" --served-model-name "$RUN_NAME" --port "$PORT"
+  --tensor-parallel-size "$TP" --max-model-len "$MAX_LEN" "${SERVE_EXTRA[@]}")
+EVAL=(evalscope eval --model "$RUN_NAME" --api-url "http://127.0.0.1:$PORT/v1" --api-key EMPTY
+  --eval-type openai_api --eval-batch-size "$EVAL_BATCH" --work-dir "$WORK_DIR"
+  --generation-config "$GEN")
+if [ -n "${LIMIT:-}" ]; then EVAL+=(--limit "$LIMIT"); fi
+
+DATASET_ARGS='{"bfcl_v3": {"extra_params": {"is_fc_model": true, "underscore_to_dot": true}}}'
+MEDQA_ARGS=$(printf '{"general_mcq": {"local_path": "%s", "subset_list": ["medqa"], "prompt_template": "Answer the following multiple choice question. The last line of your response should be of the form \\"ANSWER: [LETTER]\\" (without quotes) where [LETTER] is one of {letters}.\\n\\n{question}\\n\\n{choices}"}}' "$CUSTOM_DIR")
+CLUEWSC_ARGS=$(printf '{"general_mcq": {"local_path": "%s", "subset_list": ["cluewsc"]}}' "$CUSTOM_DIR")
+
+RUNS=()
+RUNS+=("$(printf '%q ' "${EVAL[@]}" --datasets "${TARGET[@]}" "${GENERAL[@]}" --dataset-args "$DATASET_ARGS")")
+if [ "$DOMAIN" = medical ]; then
+  RUNS+=("$(printf '%q ' "${EVAL[@]}" --datasets general_mcq --dataset-args "$MEDQA_ARGS")")
+fi
+RUNS+=("$(printf '%q ' "${EVAL[@]}" --datasets general_mcq --dataset-args "$CLUEWSC_ARGS")")
+
+echo "+ cd $(printf '%q' "$REPO_ROOT")"
+echo "+ $(printf '%q ' "${SERVE[@]}")&"
+for r in "${RUNS[@]}"; do echo "+ $r"; done
+[ "$DRY_RUN" = 1 ] && exit 0
+
+cd "$REPO_ROOT"
+"${SERVE[@]}" &
+SERVER_PID=$!
+trap 'kill $SERVER_PID 2>/dev/null || true' EXIT
+for _ in $(seq 1 360); do
+  curl -sf "http://127.0.0.1:$PORT/v1/models" >/dev/null && break
+  kill -0 "$SERVER_PID" 2>/dev/null || { echo "vllm serve exited" >&2; exit 1; }
+  sleep 5
+done
+for r in "${RUNS[@]}"; do eval "$r"; done

@@ -1,0 +1,111 @@
+"""Medical SFT data for the Qwen3-4B-Thinking recipe, in LLaMA-Factory and ms-swift formats.
+
+The paper does not name its medical training set. We use FreedomIntelligence/medical-o1-reasoning-SFT
+(English config, ~19.7k verifiable medical questions with a reasoning chain and an answer, Apache-2.0):
+it is public, sized like the paper's math set, and carries reasoning, which a Thinking model must be
+trained on (answers without a <think> block would teach it to skip reasoning). Neither framework's
+own registration of it keeps the reasoning column, so this script joins it:
+    output = "<think>\\n{Complex_CoT}\\n</think>\\n\\n{Response}"
+
+Sources:
+  medical-o1 (default)     the Hub dataset, or --input PATH to a local JSON/JSONL copy of it
+  pubmedqa, medqa          local PubMedQA (ori_pqal.json) / MedQA (4-option JSONL) files. These are
+                           the paper's *evaluation* sets: use them only for smoke tests, never for
+                           a reported run.
+  python recipes/medical/prepare_data.py                          # -> recipes/medical/data/generated/
+  python recipes/medical/prepare_data.py --source pubmedqa --input ../shared/data/medical/pubmedqa_ori_pqal.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Dict, List
+
+NAME = "medical_o1_reasoning_en"
+
+
+def thinking(reasoning: str, answer: str) -> str:
+    return f"<think>\n{reasoning.strip()}\n</think>\n\n{answer.strip()}"
+
+
+def _rows(path: Path):
+    text = Path(path).read_text()
+    if text.lstrip().startswith("["):
+        return json.loads(text)
+    if text.lstrip().startswith("{") and not path.suffix == ".jsonl":
+        return json.loads(text)
+    return [json.loads(l) for l in text.splitlines() if l.strip()]
+
+
+def from_medical_o1(rows) -> List[Dict[str, str]]:
+    return [{"prompt": r["Question"], "response": thinking(r["Complex_CoT"], r["Response"])} for r in rows]
+
+
+def from_pubmedqa(data: dict) -> List[Dict[str, str]]:
+    out = []
+    for item in data.values():
+        context = "\n".join(item["CONTEXTS"])
+        prompt = f"Context:\n{context}\n\nQuestion: {item['QUESTION']}\nAnswer with yes, no or maybe."
+        out.append({"prompt": prompt, "response": thinking(item["LONG_ANSWER"], f"The answer is {item['final_decision']}.")})
+    return out
+
+
+def from_medqa(rows) -> List[Dict[str, str]]:
+    out = []
+    for r in rows:
+        opts = "\n".join(f"{k}. {v}" for k, v in sorted(r["options"].items()))
+        key = r["answer_idx"]
+        prompt = f"{r['question']}\n\n{opts}\n\nAnswer with the letter of the correct option."
+        out.append({"prompt": prompt, "response": thinking(f"The correct option is {key}: {r['options'][key]}.", f"The answer is {key}.")})
+    return out
+
+
+def load(source: str, input_path: "Path | None") -> List[Dict[str, str]]:
+    if source == "medical-o1":
+        if input_path is None:
+            from datasets import load_dataset
+
+            rows = load_dataset("FreedomIntelligence/medical-o1-reasoning-SFT", "en", split="train")
+        else:
+            rows = _rows(input_path)
+        return from_medical_o1(rows)
+    if input_path is None:
+        raise ValueError(f"--source {source} needs --input PATH (a local file)")
+    if source == "pubmedqa":
+        return from_pubmedqa(json.loads(Path(input_path).read_text()))
+    if source == "medqa":
+        return from_medqa(_rows(input_path))
+    raise ValueError(f"--source must be one of ['medical-o1', 'pubmedqa', 'medqa'], got {source!r}")
+
+
+def write_outputs(rows: List[Dict[str, str]], out_dir: Path, name: str = NAME) -> Dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lf, sw = out_dir / f"{name}.json", out_dir / f"{name}.jsonl"
+    lf.write_text(json.dumps([{"instruction": r["prompt"], "input": "", "output": r["response"]} for r in rows],
+                             ensure_ascii=False, indent=1))
+    with sw.open("w") as fh:
+        for r in rows:
+            msgs = [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["response"]}]
+            fh.write(json.dumps({"messages": msgs}, ensure_ascii=False) + "\n")
+    return {"llamafactory": lf, "swift": sw}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--source", default="medical-o1", choices=["medical-o1", "pubmedqa", "medqa"])
+    ap.add_argument("--input", type=Path, default=None)
+    ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--out-dir", type=Path, default=Path("recipes/medical/data/generated"))
+    ap.add_argument("--name", default=NAME)
+    args = ap.parse_args(argv)
+    rows = load(args.source, args.input)[: args.limit]
+    paths = write_outputs(rows, args.out_dir, args.name)
+    print(f"{len(rows)} rows -> {paths['llamafactory']} , {paths['swift']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
