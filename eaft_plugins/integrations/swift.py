@@ -1,0 +1,65 @@
+"""ms-swift integration: `swift sft --loss_type eaft [--eaft_* ...]` works after `pip install eaft-plugins`.
+
+ms-swift 4.6 has no EAFT and no plugin discovery of its own; `swift sft` re-runs itself in a
+subprocess (or under torchrun), and every such Python process starts the bootstrap of
+`eaft_plugins.pth`, which calls `activate()` when `swift` is first imported. `activate()` only
+arms import hooks; the patches happen when ms-swift imports the modules concerned:
+
+* `swift.loss.mapping`: adds `loss_map["eaft"]` (looked up by name when the trainer is built);
+* `swift.arguments.sft_args`: adds the `--eaft_*` fields to SftArguments (see swift_args).
+
+Megatron (`megatron sft`) is wired by `swift_megatron` (docs/megatron.md).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+from .. import _bootstrap
+from ..activation import record_error, record_patch
+from .swift_args import LOSS_TYPE
+
+NAME = "swift"
+# The modules whose import applies the patches (`import swift` alone is lazy and patches nothing yet).
+DOCTOR_IMPORTS = ("swift.loss.mapping", "swift.arguments.sft_args")
+
+
+def _register_loss(mapping) -> None:
+    from .swift_loss import EAFTLoss
+
+    existing = mapping.loss_map.get(LOSS_TYPE)
+    if existing is not None and existing is not EAFTLoss:
+        record_error(NAME, f"swift.loss.mapping.loss_map[{LOSS_TYPE!r}] already holds {existing!r}; left as is")
+        return
+    mapping.loss_map[LOSS_TYPE] = EAFTLoss
+    record_patch(NAME, f"swift.loss.mapping.loss_map[{LOSS_TYPE!r}] = EAFTLoss")
+
+
+def _extend_arguments(sft_args) -> None:
+    from .swift_args import FLAGS, extend_sft_arguments
+
+    extend_sft_arguments(sft_args.SftArguments)
+    record_patch(NAME, f"swift.arguments.SftArguments: --{' --'.join(FLAGS)}")
+
+
+def _guarded(what, callback):
+    def run(module):
+        try:
+            callback(module)
+        except Exception as exc:  # never break the user's import; doctor shows it
+            record_error(NAME, f"{what}: {exc!r}")
+            print(f"[eaft_plugins] swift: {what} failed: {exc!r}", file=sys.stderr)
+
+    return run
+
+
+def activate() -> None:
+    _bootstrap.when_imported("swift.loss.mapping", _guarded("registering loss_map['eaft']", _register_loss))
+    _bootstrap.when_imported("swift.arguments.sft_args", _guarded("adding --eaft_* flags", _extend_arguments))
+    if importlib.util.find_spec("eaft_plugins.integrations.swift_megatron") is None:
+        record_error(NAME, "eaft_plugins.integrations.swift_megatron is missing: `megatron sft` has no EAFT")
+        return
+    from . import swift_megatron
+
+    swift_megatron.activate()
