@@ -50,7 +50,10 @@ def doctor() -> int:
             except Exception as exc:
                 print(f"  importing {name} failed: {exc!r}")
         try:
-            ep.load()  # the integration module itself
+            integration = importlib.import_module(ep.module)
+            # Frameworks that import lazily are patched when these submodules load.
+            for sub in getattr(integration, "DOCTOR_IMPORTS", ()) if not _bootstrap.disabled() else ():
+                importlib.import_module(sub)
         except Exception as exc:
             print(f"  loading the integration failed: {exc!r}")
         st = status(name)

@@ -101,11 +101,20 @@ def _activate_framework(module):
         print(f"[eaft_plugins] could not activate the {module.__name__} integration: {exc!r}", file=sys.stderr)
 
 
+_armed = False
+
+
 def arm():
-    """Called from the .pth line: watch the framework modules. Never raises."""
+    """Called from the .pth line: watch the framework modules. Never raises.
+
+    Idempotent: site processes the .pth once per site-packages path, and a venv's lib64 -> lib
+    symlink makes that twice.
+    """
+    global _armed
     try:
-        if disabled():
+        if disabled() or _armed:
             return
+        _armed = True
         for name in FRAMEWORK_MODULES:
             when_imported(name, _activate_framework)
     except Exception:
