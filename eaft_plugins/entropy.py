@@ -60,7 +60,7 @@ def finish_weights(
     global batch) and by this micro-batch's own mean weight otherwise.
     """
     with torch.no_grad():
-        w = raw_weights(h_norm, ce, opts, generator)
+        w = raw = raw_weights(h_norm, ce, opts, generator)
         if opts.weight_norm == "mean":
             denom = w.mean() if mean_weight is None else torch.as_tensor(mean_weight, dtype=w.dtype, device=w.device)
             w = torch.where(denom > 0, w / denom.clamp_min(torch.finfo(w.dtype).tiny), w) if w.numel() else w
@@ -70,5 +70,6 @@ def finish_weights(
             entropy_sum=h_norm.double().sum(),
             conflict_count=conflict_mask(h_norm, ce, opts).double().sum(),
             tokens=torch.tensor(float(ce.numel()), dtype=torch.float64, device=ce.device),
+            raw_weight_sum=raw.double().sum(),
         )
     return w, stats

@@ -7,7 +7,7 @@ from typing import Dict, Optional
 
 import torch
 
-_FIELDS = ("ce_sum", "weight_sum", "entropy_sum", "conflict_count", "tokens")
+_FIELDS = ("ce_sum", "weight_sum", "entropy_sum", "conflict_count", "tokens", "raw_weight_sum")
 
 
 @dataclass
@@ -16,7 +16,8 @@ class EAFTStats:
 
     ce_sum: plain (unweighted) cross-entropy; weight_sum: EAFT weights as applied
     (after gate and weight_norm); entropy_sum: normalised entropy Htilde;
-    conflict_count: tokens with Htilde < h_min and p(label) < p_min; tokens: count.
+    conflict_count: tokens with Htilde < h_min and p(label) < p_min; tokens: count;
+    raw_weight_sum: the gate's weights before weight_norm (what weight_norm="mean" divides by).
     """
 
     ce_sum: torch.Tensor
@@ -24,6 +25,7 @@ class EAFTStats:
     entropy_sum: torch.Tensor
     conflict_count: torch.Tensor
     tokens: torch.Tensor
+    raw_weight_sum: torch.Tensor
 
     @classmethod
     def zeros(cls, device=None) -> "EAFTStats":
@@ -61,9 +63,10 @@ class EAFTStats:
         }
 
     @property
-    def mean_weight(self) -> Optional[float]:
-        n = float(self.tokens)
-        return float(self.weight_sum) / n if n > 0 else None
+    def raw_mean_weight(self) -> Optional[float]:
+        """Mean gate weight before weight_norm: the divisor weight_norm="mean" uses next step."""
+        n, s = float(self.tokens), float(self.raw_weight_sum)
+        return s / n if n > 0 and s > 0 else None
 
 
 class StatsAccumulator:
