@@ -59,6 +59,11 @@ def activate(name: str) -> bool:
     return True
 
 
+def activate_llamafactory() -> None:
+    """Entry point of the `llamafactory.plugins` group that patches/ adds to LLaMA-Factory."""
+    activate("llamafactory")
+
+
 def install(frameworks=None) -> Dict[str, FrameworkStatus]:
     """Explicit activation, for environments without the .pth bootstrap (or with it disabled).
 

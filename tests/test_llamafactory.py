@@ -1,0 +1,258 @@
+"""The LLaMA-Factory plugin through the real parser and the real `llamafactory-cli train`, on SmolLM2."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from eaft_plugins import EAFTOptions, eaft_loss
+from eaft_plugins.demo import cli_env, log_history, run_train, train_config, write_dataset, write_yaml
+
+llamafactory = pytest.importorskip("llamafactory", reason="SKIPPED: llamafactory is not installed in this environment")
+from llamafactory.hparams import get_train_args  # noqa: E402
+
+from eaft_plugins.integrations import llamafactory as plugin  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return write_dataset(tmp_path_factory.mktemp("lf_data"), 24, seed=1)
+
+
+def parse(model_dir, data_dir, tmp_path, **overrides):
+    cfg = train_config(model_dir, data_dir, tmp_path / "out", steps=1, **overrides)
+    return get_train_args(cfg)
+
+
+# ---------------------------------------------------------------- parser (no training)
+
+
+def test_keys_parse_into_options(smollm2_dir, data_dir, tmp_path):
+    *_, finetuning_args, _ = parse(
+        smollm2_dir, data_dir, tmp_path, eaft_topk=10, eaft_alpha=0.5, eaft_gate="hard", eaft_h_min=0.3,
+        eaft_p_min=0.2, eaft_entropy_norm="upstream", eaft_weight_norm="mean",
+    )
+    assert finetuning_args.eaft_options == EAFTOptions(
+        topk=10, alpha=0.5, gate="hard", h_min=0.3, p_min=0.2, entropy_norm="upstream", weight_norm="mean"
+    )
+
+
+def test_defaults_are_the_paper_defaults(smollm2_dir, data_dir, tmp_path):
+    *_, finetuning_args, _ = parse(smollm2_dir, data_dir, tmp_path)
+    assert finetuning_args.eaft_options == EAFTOptions()
+    *_, finetuning_args, _ = parse(smollm2_dir, data_dir, tmp_path, eaft_topk="full")
+    assert finetuning_args.eaft_options.topk is None
+
+
+@pytest.mark.parametrize(
+    "key, value, match",
+    [
+        ("eaft_gate", "sharp", r"`eaft_gate`: gate must be one of \['soft', 'hard', 'shuffle'\]"),
+        ("eaft_topk", 1, r"`eaft_topk`: topk must be an integer >= 2 or 'full'"),
+        ("eaft_alpha", -1.0, r"`eaft_alpha`: alpha must be >= 0"),
+        ("eaft_entropy_norm", "log", r"`eaft_entropy_norm`: entropy_norm must be one of \['ln_k', 'upstream', 'none'\]"),
+        ("eaft_weight_norm", "sum", r"`eaft_weight_norm`: weight_norm must be one of \['none', 'mean'\]"),
+        ("eaft_p_min", 2.0, r"`eaft_p_min`: p_min must be in \[0.0, 1.0\]"),
+    ],
+)
+def test_bad_values_name_the_key(smollm2_dir, data_dir, tmp_path, key, value, match):
+    with pytest.raises(ValueError, match=match):
+        parse(smollm2_dir, data_dir, tmp_path, **{key: value})
+
+
+def test_eaft_key_without_use_eaft_loss_is_refused(smollm2_dir, data_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"\['eaft_topk'\] set but use_eaft_loss is false"):
+        parse(smollm2_dir, data_dir, tmp_path, eaft=False, eaft_topk=10)
+
+
+def test_unknown_key_is_still_rejected(smollm2_dir, data_dir, tmp_path):
+    with pytest.raises(ValueError, match="eaft_topkk"):
+        parse(smollm2_dir, data_dir, tmp_path, eaft_topkk=10)
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        ({"stage": "pt"}, "stage: pt ignores the loss; EAFT needs `stage: sft`"),
+        ({"use_dft_loss": True}, "use_dft_loss and use_eaft_loss both set"),
+    ],
+)
+def test_combinations_that_would_silently_drop_eaft_are_refused(smollm2_dir, data_dir, tmp_path, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        parse(smollm2_dir, data_dir, tmp_path, **overrides)
+
+
+@pytest.mark.parametrize(
+    "args_index, attr, match",
+    [  # set on parsed args: USE_MCA needs mcore_adapter and liger needs liger-kernel, GPU builds both
+        (3, "use_mca", "Megatron Core Adapter"),
+        (0, "enable_liger_kernel", "enable_liger_kernel computes a fused CE without logits"),
+    ],
+)
+def test_gpu_only_paths_are_refused(smollm2_dir, data_dir, tmp_path, args_index, attr, match):
+    parsed = parse(smollm2_dir, data_dir, tmp_path)
+    setattr(parsed[args_index], attr, True)
+    model_args, _, training_args, finetuning_args, _ = parsed
+    with pytest.raises(ValueError, match=match):
+        plugin.check_combination(model_args, training_args, finetuning_args)
+
+
+def test_a_release_that_defines_our_keys_is_refused():
+    base = llamafactory.hparams.parser.FinetuningArguments.__mro__[1]  # upstream's class
+    future = dataclasses.make_dataclass("FinetuningArguments", [("eaft_topk", int, dataclasses.field(default=20))],
+                                        bases=(base,))
+    with pytest.raises(RuntimeError, match=r"defines \['eaft_topk'\] itself"):
+        plugin._make_args_class(future)
+
+
+def test_doctor_reports_the_patches():
+    out = subprocess.run([sys.executable, "-m", "eaft_plugins", "doctor"], capture_output=True, text=True,
+                         env=cli_env(), timeout=300)
+    assert "llamafactory 0.9" in out.stdout
+    assert "patched: hparams.parser._TRAIN_ARGS" in out.stdout
+    assert "patched: train.sft.trainer.CustomSeq2SeqTrainer" in out.stdout
+
+
+def test_bootstrap_disabled_means_no_patch():
+    code = "import llamafactory.hparams.parser as p; print(p.FinetuningArguments.__module__)"
+    env = dict(cli_env(), EAFT_PLUGINS_DISABLE="1")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.stdout.strip() == "llamafactory.hparams.finetuning_args"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cli_env(), timeout=300)
+    assert out.stdout.strip() == "eaft_plugins.integrations.llamafactory"
+
+
+# ---------------------------------------------------------------- real training runs
+
+
+def first_batch_reference(model_dir, data_dir, tmp_path, batch_size, options=EAFTOptions()):
+    """Step-1 numbers recomputed here: LLaMA-Factory's own tokenisation of the first rows, the
+    untouched model run on each row, and the core loss summed over rows / all supervised tokens."""
+    from llamafactory.data import get_dataset, get_template_and_fix_tokenizer
+    from llamafactory.model import load_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    model_args, data_args, training_args, _, _ = parse(model_dir, data_dir, tmp_path)
+    tokenizer_module = load_tokenizer(model_args)
+    template = get_template_and_fix_tokenizer(tokenizer_module["tokenizer"], data_args)
+    ds = get_dataset(template, model_args, data_args, training_args, stage="sft", **tokenizer_module)["train_dataset"]
+    rows = [ds[i] for i in range(batch_size)]
+    n_items = sum(sum(1 for t in r["labels"] if t != -100) for r in rows)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    loss, ce_sum, tokens = 0.0, 0.0, 0
+    with torch.no_grad():
+        for r in rows:
+            logits = model(input_ids=torch.tensor([r["input_ids"]])).logits
+            out = eaft_loss(logits, torch.tensor([r["labels"]]), options=options, num_items_in_batch=n_items)
+            loss += out.loss.item()
+            ce_sum += float(out.stats.ce_sum)
+            tokens += int(out.stats.tokens)
+    return {"loss": loss, "ce": ce_sum / tokens, "tokens": tokens}
+
+
+def train(model_dir, data_dir, out, *, env=None, python=sys.executable, **overrides):
+    cfg = train_config(model_dir, data_dir, out, steps=STEPS, cutoff_len=128, **overrides)
+    proc = run_train(write_yaml(cfg, out.parent / f"{out.name}.yaml"), python=python, env=env, check=False,
+                     capture_output=True, timeout=1800)
+    assert proc.returncode == 0, f"llamafactory-cli train failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}"
+    return [row for row in log_history(out) if "loss" in row]
+
+
+@pytest.fixture(scope="module")
+def eaft_run(smollm2_dir, data_dir, tmp_path_factory):
+    return train(smollm2_dir, data_dir, tmp_path_factory.mktemp("lf") / "eaft")
+
+
+@pytest.fixture(scope="module")
+def sft_run(smollm2_dir, data_dir, tmp_path_factory):
+    return train(smollm2_dir, data_dir, tmp_path_factory.mktemp("lf") / "sft", eaft=False)
+
+
+@pytest.fixture(scope="module")
+def reference(smollm2_dir, data_dir, tmp_path_factory):
+    return first_batch_reference(smollm2_dir, data_dir, tmp_path_factory.mktemp("lf_ref"), batch_size=4)
+
+
+@pytest.mark.e2e
+def test_eaft_run_logs_metrics_every_step(eaft_run):
+    assert [row["step"] for row in eaft_run] == list(range(1, STEPS + 1))
+    for row in eaft_run:
+        assert {"eaft/ce", "eaft/weight", "eaft/entropy", "eaft/conflict_frac"} <= set(row)
+        assert 0 < row["eaft/weight"] < 1 and 0 <= row["eaft/conflict_frac"] <= 1
+        assert row["loss"] < row["eaft/ce"]  # weights below 1 shrink the loss
+
+
+@pytest.mark.e2e
+def test_step_one_loss_is_our_core_loss(eaft_run, reference):
+    first = eaft_run[0]
+    assert first["loss"] == pytest.approx(reference["loss"], rel=2e-3)
+    assert first["eaft/ce"] == pytest.approx(reference["ce"], rel=1e-4)
+    assert first["eaft/tokens"] == reference["tokens"]
+
+
+@pytest.mark.e2e
+def test_plain_sft_with_the_same_seed_differs(eaft_run, sft_run, reference):
+    assert "eaft/ce" not in sft_run[0]
+    assert sft_run[0]["loss"] == pytest.approx(reference["ce"], rel=2e-3)  # plain CE on the same batch
+    assert abs(sft_run[0]["loss"] - eaft_run[0]["loss"]) > 0.05 * sft_run[0]["loss"]
+
+
+@pytest.mark.e2e
+def test_lora_run_uses_eaft(smollm2_dir, data_dir, tmp_path, reference):
+    rows = train(smollm2_dir, data_dir, tmp_path / "lora", lora=True)
+    assert rows[0]["loss"] == pytest.approx(reference["loss"], rel=2e-3)  # LoRA starts at the base model
+    assert all("eaft/weight" in row for row in rows)
+
+
+@pytest.mark.e2e
+def test_weight_norm_mean_uses_the_previous_step(smollm2_dir, data_dir, tmp_path):
+    rows = train(smollm2_dir, data_dir, tmp_path / "wn", eaft_weight_norm="mean")
+    assert rows[0]["eaft/weight"] == pytest.approx(1.0, rel=1e-6)  # first step: its own mean
+    for prev, row in zip(rows, rows[1:]):  # later: soft weights (alpha 1) / last step's mean entropy
+        assert row["eaft/weight"] == pytest.approx(row["eaft/entropy"] / prev["eaft/entropy"], rel=1e-5)
+
+
+@pytest.mark.e2e
+def test_two_process_torchrun_reduces_metrics_over_ranks(smollm2_dir, data_dir, tmp_path, reference):
+    env = dict(cli_env(), FORCE_TORCHRUN="1", NNODES="1", NPROC_PER_NODE="2", MASTER_PORT="29731",
+               OMP_NUM_THREADS="1")
+    rows = train(smollm2_dir, data_dir, tmp_path / "ddp", env=env, per_device_train_batch_size=2, ddp_backend="gloo")
+    # Two ranks x 2 rows cover the same 4 rows as the single-process step 1.
+    assert rows[0]["eaft/tokens"] == reference["tokens"]
+    assert rows[0]["eaft/ce"] == pytest.approx(reference["ce"], rel=1e-4)
+    assert rows[0]["loss"] == pytest.approx(reference["loss"], rel=2e-3)
+
+
+@pytest.mark.e2e
+def test_v1_trainer_is_refused(smollm2_dir, data_dir, tmp_path):
+    cfg = train_config(smollm2_dir, data_dir, tmp_path / "v1", steps=1)
+    env = dict(cli_env(), USE_V1="1")
+    proc = run_train(write_yaml(cfg, tmp_path / "v1.yaml"), env=env, check=False, capture_output=True, timeout=600)
+    assert proc.returncode != 0
+    assert "the v1 trainer (USE_V1=1) ignores use_eaft_loss" in proc.stdout + proc.stderr
+
+
+LF094 = ROOT / ".venv-lf094" / "bin" / "python"
+
+
+@pytest.mark.e2e
+def test_llamafactory_094_gains_the_flag(smollm2_dir, data_dir, tmp_path):
+    """0.9.4 has no use_eaft_loss at all: the plugin adds it and runs our loss."""
+    if not LF094.exists():
+        pytest.skip("SKIPPED: needs .venv-lf094 (llamafactory 0.9.4): run scripts/setup_lf094.sh")
+    version = subprocess.run([str(LF094), "-c", "import importlib.metadata as m; print(m.version('llamafactory'))"],
+                             capture_output=True, text=True).stdout.strip()
+    assert version == "0.9.4"
+    rows = train(smollm2_dir, data_dir, tmp_path / "v094", python=str(LF094), eaft_topk=10)
+    assert all("eaft/weight" in row for row in rows)
+    ref = first_batch_reference(smollm2_dir, data_dir, tmp_path, 4, EAFTOptions(topk=10))
+    assert rows[0]["eaft/ce"] == pytest.approx(ref["ce"], rel=1e-3)
+    assert rows[0]["loss"] == pytest.approx(ref["loss"], rel=5e-3)
