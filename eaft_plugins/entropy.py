@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from typing import Optional, Tuple, Union
 
 import torch
@@ -23,12 +25,28 @@ def topk_entropy(z: torch.Tensor, k: Optional[int]) -> torch.Tensor:
     return entropy_of_logits(torch.topk(z, k, dim=-1, sorted=False).values)
 
 
-def chunk_scores(z: torch.Tensor, y: torch.Tensor, opts: EAFTOptions) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For fp32 logit rows z [C, V] and labels y [C]: (logsumexp, label logit, normalised entropy)."""
-    lse = torch.logsumexp(z, dim=-1)
+def chunk_scores(
+    z: torch.Tensor, y: torch.Tensor, opts: EAFTOptions, work: Optional[torch.Tensor] = None
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For fp32 logit rows z [C, V] and labels y [C]: (logsumexp, label logit, normalised entropy).
+
+    work: optional [C, V] scratch for logsumexp's temporary (it may be z itself, which is then
+    overwritten): reusing one buffer across chunks spares a fresh [C, V] allocation per chunk.
+    """
     z_y = z.gather(1, y.unsqueeze(1)).squeeze(1)
     h_norm = topk_entropy(z, opts.topk) / opts.entropy_divisor(z.size(-1))
+    lse = torch.logsumexp(z, dim=-1) if work is None else _logsumexp_into(z, work)
     return lse, z_y, h_norm
+
+
+def _logsumexp_into(z: torch.Tensor, work: torch.Tensor) -> torch.Tensor:
+    """torch.logsumexp(z, -1) with the same steps as torch's own kernel (bitwise equal, tested),
+    its [C, V] temporary written into `work`."""
+    m = torch.amax(z, dim=-1, keepdim=True)
+    m_flat = m.squeeze(-1)
+    m_flat.masked_fill_(m_flat.abs() == math.inf, 0)  # rows of all -inf (or an inf) stay finite here
+    total = torch.sum(torch.sub(z, m, out=work).exp_(), dim=-1)
+    return total.log_().add_(m_flat)
 
 
 def raw_weights(h_norm: torch.Tensor, ce: torch.Tensor, opts: EAFTOptions, generator=None) -> torch.Tensor:

@@ -144,12 +144,26 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _gather(flat: torch.Tensor, idx: torch.Tensor, start: int, stop: int, first: Optional[int]) -> torch.Tensor:
+def _gather(
+    flat: torch.Tensor, idx: torch.Tensor, start: int, stop: int, first: Optional[int], out: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """Rows idx[start:stop] of flat in the compute dtype; `out` ([>= rows, V], compute dtype) is
+    reused for copies, so chunks after the first allocate nothing (fresh pages cost as much as a pass)."""
     if first is not None:  # a contiguous run: a view, no copy for fp32 logits
         rows = flat.narrow(0, first, stop - start)
+        if out is None or rows.dtype == out.dtype:
+            return rows.to(compute_dtype(flat.dtype))
+    elif out is not None and flat.dtype == out.dtype:
+        return torch.index_select(flat, 0, idx[start:stop], out=out[: stop - start])
     else:
         rows = flat.index_select(0, idx[start:stop])
-    return rows.to(compute_dtype(flat.dtype))
+    if out is None:
+        return rows.to(compute_dtype(flat.dtype))
+    return out[: stop - start].copy_(rows)
+
+
+def _chunk_buffer(flat: torch.Tensor, n: int, rows: int) -> torch.Tensor:
+    return flat.new_empty((min(rows, n), flat.size(1)), dtype=compute_dtype(flat.dtype))
 
 
 def _scores(flat: torch.Tensor, idx: torch.Tensor, y: torch.Tensor, opts: EAFTOptions):
@@ -157,12 +171,38 @@ def _scores(flat: torch.Tensor, idx: torch.Tensor, y: torch.Tensor, opts: EAFTOp
     lse = flat.new_empty(n, dtype=compute_dtype(flat.dtype))
     ce = torch.empty_like(lse)
     h_norm = torch.empty_like(lse)
+    if n == 0:
+        return lse, ce, h_norm
+    rows = opts.rows_per_chunk(flat.size(1))
+    buf, work = _chunk_buffer(flat, n, rows), None
     with torch.no_grad():
-        for start, stop, first in _row_chunks(idx, opts.rows_per_chunk(flat.size(1))):
-            z = _gather(flat, idx, start, stop, first)
-            lse_c, z_y, h_c = chunk_scores(z, y[start:stop], opts)
+        for start, stop, first in _row_chunks(idx, rows):
+            z = _gather(flat, idx, start, stop, first, out=buf)
+            if z.data_ptr() == buf.data_ptr():
+                scratch = z  # our own copy: logsumexp may overwrite it
+            else:  # a view of the caller's logits
+                work = _chunk_buffer(flat, n, rows) if work is None else work
+                scratch = work[: stop - start]
+            lse_c, z_y, h_c = chunk_scores(z, y[start:stop], opts, work=scratch)
             lse[start:stop], ce[start:stop], h_norm[start:stop] = lse_c, lse_c - z_y, h_c
     return lse, ce, h_norm
+
+
+def ce_grad_rows(z: torch.Tensor, lse: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, out=None) -> torch.Tensor:
+    """d(sum_t scale_t * ce_t)/dz for rows z [C, V]: scale_t * (softmax(z_t) - onehot(y_t)).
+
+    Written into `out` (which may be z itself) so a chunk needs no extra [C, V] temporaries.
+    """
+    g = torch.sub(z, lse[:, None], out=out) if out is not None else z - lse[:, None]
+    g.exp_()
+    g[torch.arange(g.size(0), device=g.device), y] -= 1.0
+    return g.mul_(scale[:, None])
+
+
+def _unsupervised_rows(idx: torch.Tensor, rows: int) -> torch.Tensor:
+    keep = torch.ones(rows, dtype=torch.bool, device=idx.device)
+    keep[idx] = False
+    return keep.nonzero().squeeze(1)
 
 
 class _WeightedCE(torch.autograd.Function):
@@ -177,12 +217,21 @@ class _WeightedCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         flat, idx, y, lse, coef = ctx.saved_tensors
-        grad = torch.zeros_like(flat)
+        # empty, not zeros: supervised rows are written once below, only the others are zeroed
+        # (touching a [tokens, vocab] buffer twice costs as much as the softmax itself on CPU).
+        grad = torch.empty_like(flat)
+        grad.index_fill_(0, _unsupervised_rows(idx, flat.size(0)), 0)
         scale = coef * grad_out.to(coef.dtype)
+        in_place = grad.dtype == compute_dtype(flat.dtype)
+        buf = None
         for start, stop, first in _row_chunks(idx, ctx.rows):
-            g = torch.exp(_gather(flat, idx, start, stop, first) - lse[start:stop, None])
-            g[torch.arange(stop - start, device=g.device), y[start:stop]] -= 1.0
-            g.mul_(scale[start:stop, None])
+            if first is not None and in_place:  # write straight into the gradient rows
+                z = _gather(flat, idx, start, stop, first)  # a view
+                ce_grad_rows(z, lse[start:stop], y[start:stop], scale[start:stop], out=grad.narrow(0, first, stop - start))
+                continue
+            buf = _chunk_buffer(flat, idx.numel(), ctx.rows) if buf is None else buf
+            z = _gather(flat, idx, start, stop, first, out=buf)  # our copy
+            g = ce_grad_rows(z, lse[start:stop], y[start:stop], scale[start:stop], out=z)
             if first is not None:
                 grad.narrow(0, first, stop - start).copy_(g)
             else:
