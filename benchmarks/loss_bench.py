@@ -1,0 +1,352 @@
+"""Loss benchmark: fwd+bwd time and peak memory of LM-head + loss variants on the same inputs.
+
+    python benchmarks/loss_bench.py                       # Qwen3-4B head (H=2560, V=151936), 512..4096 tokens
+    python benchmarks/loss_bench.py --tokens 256 512 --hidden 512 --vocab 32000 --repeat 2   # quick
+
+Methods ("full": from last hidden states [N, H] and the LM head [V, H], gradients for both):
+  torch_ce          logits = hidden @ W.T, then transformers' causal-LM loss recipe: logits.float(),
+                    F.cross_entropy (shifted labels)
+  llamafactory_095  logits as above, then LLaMA-Factory 0.9.5's eaft_loss_func (imported from the
+                    installed llamafactory.train.trainer_utils)
+  dense_eaft        logits as above, then eaft_plugins.eaft_loss
+  fused_eaft        eaft_plugins.fused.fused_linear_eaft_loss (no logits)
+  fused_eaft_2pass  the same with weight_norm="mean" and no mean_weight: weights need every token's
+                    entropy first, so the op runs two passes (4 matmuls per chunk instead of 3)
+  liger_flce        Liger's LigerFusedLinearCrossEntropyLoss, when importable (Triton: needs a GPU)
+  cce_compile       cut-cross-entropy's linear_cross_entropy(impl="torch_compile") when importable
+                    (its fused "cce" kernel is Triton, GPU-only; this CPU fallback materialises logits)
+"Loss-only" mode times the same losses on fixed logits [N, V] (a leaf): the loss's own cost.
+The EAFT losses use entropy_norm="upstream" so their loss value equals LLaMA-Factory's (checked).
+
+How memory is measured: tracemalloc does not see torch's allocations, so each case runs in fresh
+child processes that read the kernel's counters. A child allocates the inputs, reads VmRSS, resets
+the high-water mark (writes 5 to /proc/self/clear_refs), runs one fwd+bwd and reads VmHWM; the
+difference is what that first step made resident (including what glibc keeps for reuse: real
+memory as the OS sees it). Two children per case:
+  workspace  the LM head frozen (as under LoRA), so the only gradient is d hidden [N, H] (d logits
+             in loss-only mode), which is subtracted: the memory the loss itself needs.
+  total      the LM head trainable: `peak extra` includes d W [V, H] (same for every method).
+             This child then times `--repeat` more fwd+bwd runs (.grad reset to None before each):
+             wall clock and process CPU time, best of the runs (the machine may be shared;
+             with --threads 1 CPU time is robust to other jobs). The JSON keeps every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FULL = ["torch_ce", "llamafactory_095", "dense_eaft", "fused_eaft", "fused_eaft_2pass", "liger_flce", "cce_compile"]
+LOSS_ONLY = ["torch_ce", "llamafactory_095", "dense_eaft"]
+IGNORE = -100
+MB = 1 << 20
+
+
+# ----------------------------------------------------------------------------- child side
+def _status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def _reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _loss_fn(method: str, mode: str, args):
+    """A closure (leaves) -> scalar loss, or raises when the method is unavailable."""
+    import torch.nn.functional as F
+
+    def shifted_ce(logits, labels):  # transformers' ForCausalLMLoss recipe
+        logits = logits.float()
+        target = F.pad(labels, (0, 1), value=IGNORE)[..., 1:]
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=IGNORE)
+
+    if method == "torch_ce":
+        loss = shifted_ce
+    elif method == "llamafactory_095":
+        from llamafactory.train.trainer_utils import eaft_loss_func
+
+        def loss(logits, labels):
+            return eaft_loss_func({"logits": logits}, labels)
+    elif method == "dense_eaft":
+        from eaft_plugins import eaft_loss
+
+        def loss(logits, labels):
+            return eaft_loss(logits, labels, entropy_norm="upstream").loss
+    elif method == "fused_eaft":
+        from eaft_plugins.fused import fused_linear_eaft_loss
+
+        return lambda h, w, labels: fused_linear_eaft_loss(h, w, labels, entropy_norm="upstream", chunk_size=args.chunk or None).loss
+    elif method == "fused_eaft_2pass":
+        from eaft_plugins.fused import fused_linear_eaft_loss
+
+        return lambda h, w, labels: fused_linear_eaft_loss(
+            h, w, labels, entropy_norm="upstream", weight_norm="mean", chunk_size=args.chunk or None
+        ).loss
+    elif method == "liger_flce":
+        from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+
+        liger = LigerFusedLinearCrossEntropyLoss()
+
+        def flce(h, w, labels):
+            target = F.pad(labels, (0, 1), value=IGNORE)[..., 1:]
+            return liger(w, h.reshape(-1, h.size(-1)), target.reshape(-1))
+
+        return flce
+    elif method == "cce_compile":
+        from cut_cross_entropy import linear_cross_entropy
+
+        def cce(h, w, labels):
+            return linear_cross_entropy(h, w, labels, shift=True, impl="torch_compile")
+
+        return cce
+    else:
+        raise ValueError(f"unknown method {method!r}")
+    if mode == "loss":
+        return lambda logits, labels: loss(logits, labels)
+    return lambda h, w, labels: loss(F.linear(h, w), labels)
+
+
+def child(args) -> dict:
+    """One case in this fresh process: `--measure workspace` (LM head frozen, one run, memory only)
+    or `--measure total` (LM head trainable: memory of the first run, then timed runs)."""
+    import gc
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    g = torch.Generator().manual_seed(0)
+    n, h, v = args.tokens[0], args.hidden, args.vocab
+    hidden = torch.randn(1, n, h, generator=g).to(dtype)
+    weight = (torch.randn(v, h, generator=g) * (2.5 / h**0.5)).to(dtype)  # logits with std ~2.5
+    labels = torch.randint(0, v, (1, n), generator=g)
+    fn = _loss_fn(args.method, args.mode, args)
+    if args.mode == "loss":
+        with torch.no_grad():
+            leaves = [torch.nn.functional.linear(hidden, weight)]
+        del hidden, weight
+    else:
+        leaves = [hidden, weight]
+    trainable = leaves if args.measure == "total" else leaves[:1]  # workspace: d hidden (or d logits) only
+    for x in trainable:
+        x.requires_grad_()
+    if args.method == "cce_compile":  # compile once on a small batch, outside the measurement
+        small = [x[:, :8].detach().clone().requires_grad_() if x.dim() == 3 else x for x in leaves]
+        fn(*small, labels[:, :8]).backward()
+        for x in leaves:
+            x.grad = None
+
+    def step():
+        for x in leaves:
+            x.grad = None
+        t0, c0 = time.perf_counter(), time.process_time()
+        loss = fn(*leaves, labels)
+        loss.backward()
+        return time.perf_counter() - t0, time.process_time() - c0, float(loss)
+
+    gc.collect()
+    base = _status("VmRSS")
+    _reset_peak()
+    cold, cold_cpu, value = step()
+    peak = _status("VmHWM") - base
+    grad_bytes = sum(x.grad.numel() * x.grad.element_size() for x in leaves if x.grad is not None)
+    out = {"method": args.method, "mode": args.mode, "tokens": n, "measure": args.measure, "loss": value,
+           "peak_extra_mb": peak / MB, "grad_mb": grad_bytes / MB, "threads": torch.get_num_threads()}
+    if args.measure == "total":
+        runs = [step() for _ in range(args.repeat)] or [(cold, cold_cpu, value)]
+        out.update(cold_s=cold, times_s=[r[0] for r in runs], cpu_s=[r[1] for r in runs],
+                   time_s=min(r[0] for r in runs), cpu_time_s=min(r[1] for r in runs))
+    return out
+
+
+# ----------------------------------------------------------------------------- parent side
+def mem_available() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def run_case(method: str, mode: str, tokens: int, args) -> dict:
+    """Two fresh children: workspace (frozen LM head / logits-only grads) and total (+ timing)."""
+    merged = {}
+    for measure in ("workspace", "total"):
+        cmd = [sys.executable, __file__, "--child", "--method", method, "--mode", mode, "--tokens", str(tokens),
+               "--hidden", str(args.hidden), "--vocab", str(args.vocab), "--repeat", str(args.repeat),
+               "--dtype", args.dtype, "--measure", measure, "--threads", str(args.threads), "--chunk", str(args.chunk)]
+        # EAFT_PLUGINS_DISABLE: import LLaMA-Factory's own eaft_loss_func, untouched by our integration.
+        env = dict(os.environ, PYTHONUNBUFFERED="1", EAFT_PLUGINS_DISABLE="1")
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+        if proc.returncode != 0 or not lines:
+            err = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}, no output"])[-1]
+            return {"method": method, "mode": mode, "tokens": tokens, "error": err[:300]}
+        res = json.loads(lines[-1])
+        if measure == "workspace":
+            merged["workspace_mb"] = res["peak_extra_mb"] - res["grad_mb"]  # d hidden / d logits: tiny or equal
+        else:
+            merged.update(res)
+    merged.pop("measure", None)
+    return merged
+
+
+def machine() -> dict:
+    model = "unknown"
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                model = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import torch
+
+    return {"cpu": model, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+            "mem_total_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)}
+
+
+def parent(args) -> None:
+    results = []
+    plan = [("full", m) for m in args.methods] + ([("loss", m) for m in LOSS_ONLY if m in args.methods] if args.loss_only else [])
+    last = {}
+    for mode, method in plan:
+        for n in sorted(args.tokens):
+            key = (mode, method)
+            if key in last and "error" not in last[key] and "skipped" not in last[key]:
+                prev = last[key]
+                predicted = prev["peak_extra_mb"] * MB * n / prev["tokens"]
+                if predicted > 0.85 * mem_available():
+                    res = {"method": method, "mode": mode, "tokens": n,
+                           "skipped": f"predicted peak {predicted / 2**30:.1f} GiB > 85% of MemAvailable"}
+                    results.append(res)
+                    print(json.dumps(res), flush=True)
+                    continue
+            if key in last and "error" in last[key]:
+                continue  # unavailable method: reported once
+            res = run_case(method, mode, n, args)
+            last[key] = res
+            results.append(res)
+            print(json.dumps(res), flush=True)
+    config = {k: v for k, v in vars(args).items() if k not in ("child", "method", "mode")}
+    report = {"config": config, "machine": machine(), "results": results}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(report, indent=1))
+    print(markdown(report))
+    if args.plot:
+        plot(report, args.plot)
+
+
+def _get(results, mode, method, n):
+    for r in results:
+        if r["mode"] == mode and r["method"] == method and r["tokens"] == n and "time_s" in r:
+            return r
+    return None
+
+
+def markdown(report) -> str:
+    res, cfg = report["results"], report["config"]
+    lines = [f"Machine: {report['machine']['cpu']}, {report['machine']['cores']} cores, torch {report['machine']['torch']}; "
+             f"H={cfg['hidden']}, V={cfg['vocab']}, {cfg['dtype']}, {cfg['threads'] or 'default'} thread(s), "
+             f"best of {cfg['repeat']} runs.", ""]
+    for mode, title in (("full", "LM head + loss, fwd+bwd"), ("loss", "loss only, on fixed logits, fwd+bwd")):
+        rows = [r for r in res if r["mode"] == mode]
+        if not rows:
+            continue
+        lines += [f"### {title}", "",
+                  "| method | tokens | wall s | cpu s | cpu x torch_ce | cpu x LF 0.9.5 | peak extra MB (all grads) "
+                  "| workspace MB | workspace x LF | loss |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in rows:
+            if "time_s" not in r:
+                lines.append(f"| {r['method']} | {r['tokens']} | {r.get('error') or r.get('skipped')} |||||||| ")
+                continue
+            ce, lf = _get(res, mode, "torch_ce", r["tokens"]), _get(res, mode, "llamafactory_095", r["tokens"])
+            ratio = lambda a, b: f"{a / b:.2f}" if b else "-"  # noqa: E731
+            lines.append(
+                f"| {r['method']} | {r['tokens']} | {r['time_s']:.2f} | {r['cpu_time_s']:.2f} "
+                f"| {ratio(r['cpu_time_s'], ce and ce['cpu_time_s'])} | {ratio(r['cpu_time_s'], lf and lf['cpu_time_s'])} "
+                f"| {r['peak_extra_mb']:.0f} | {r['workspace_mb']:.0f} "
+                f"| {ratio(max(r['workspace_mb'], 0.0), lf and lf['workspace_mb'])} | {r['loss']:.4f} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(report, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    res = [r for r in report["results"] if r["mode"] == "full" and "time_s" in r]
+    fig, (ax_m, ax_t) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for method in dict.fromkeys(r["method"] for r in res):
+        rows = sorted((r for r in res if r["method"] == method), key=lambda r: r["tokens"])
+        n = [r["tokens"] for r in rows]
+        ax_m.plot(n, [r["workspace_mb"] for r in rows], marker="o", label=method)
+        ax_t.plot(n, [r["cpu_time_s"] for r in rows], marker="o", label=method)
+    cfg = report["config"]
+    ax_m.set(xlabel="tokens", ylabel="workspace MB (peak RSS - inputs - d hidden)", xscale="log", yscale="log",
+             title=f"loss memory (LM head frozen), H={cfg['hidden']} V={cfg['vocab']} {cfg['dtype']}")
+    ax_t.set(xlabel="tokens", ylabel="fwd+bwd CPU seconds (best run)", xscale="log", yscale="log",
+             title=f"LM head + loss time, {report['machine']['cpu']}, {cfg['threads'] or 'all'} thread(s)")
+    ticks = sorted({r["tokens"] for r in res})
+    for ax in (ax_m, ax_t):
+        ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(ticks))
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tokens", type=int, nargs="+", default=[512, 1024, 2048, 4096])
+    p.add_argument("--hidden", type=int, default=2560)
+    p.add_argument("--vocab", type=int, default=151936)
+    p.add_argument("--repeat", type=int, default=2, help="timed runs after the measured first run")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    p.add_argument("--methods", nargs="+", default=FULL, choices=FULL)
+    p.add_argument("--no-loss-only", dest="loss_only", action="store_false", help="skip the fixed-logits runs")
+    p.add_argument("--threads", type=int, default=1, help="torch threads in each child (0: torch's default)")
+    p.add_argument("--chunk", type=int, default=0, help="fused op's tokens per chunk (0: its default)")
+    p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "loss_bench.json"))
+    p.add_argument("--plot", default=str(ROOT / "docs" / "img" / "perf_loss.png"), help="PNG path ('' for none)")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--method", help=argparse.SUPPRESS)
+    p.add_argument("--mode", default="full", help=argparse.SUPPRESS)
+    p.add_argument("--measure", default="total", help=argparse.SUPPRESS)
+    p.add_argument("--replot", metavar="JSON", help="only redraw table and plot from a saved JSON report")
+    args = p.parse_args(argv)
+    if args.replot:
+        report = json.loads(Path(args.replot).read_text())
+        print(markdown(report))
+        if args.plot:
+            plot(report, args.plot)
+    elif args.child:
+        print(json.dumps(child(args)), flush=True)
+    else:
+        parent(args)
+
+
+if __name__ == "__main__":
+    main()
