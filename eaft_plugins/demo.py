@@ -76,8 +76,11 @@ def write_yaml(cfg: dict, path: Path) -> Path:
     return path
 
 
-def cli_env() -> dict:
+def cli_env(python: str = sys.executable) -> dict:
+    """The environment for a framework CLI: offline, CPU, and the interpreter's bin folder first on
+    PATH (LLaMA-Factory re-launches itself with a bare `torchrun`, found through PATH)."""
     env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(python).parent), env.get("PATH", "")])
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                CUDA_VISIBLE_DEVICES="", DISABLE_VERSION_CHECK=env.get("DISABLE_VERSION_CHECK", "0"))
     return env
@@ -90,7 +93,7 @@ def llamafactory_cli(python: str = sys.executable) -> list:
 
 
 def run_train(yaml_path: Path, *, python: str = sys.executable, env=None, check=True, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(llamafactory_cli(python) + ["train", str(yaml_path)], env=env or cli_env(),
+    return subprocess.run(llamafactory_cli(python) + ["train", str(yaml_path)], env=env or cli_env(python),
                           check=check, text=True, **kw)
 
 

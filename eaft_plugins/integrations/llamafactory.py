@@ -38,7 +38,7 @@ OPTION_KEYS = {
     "eaft_weight_norm": "weight_norm",
 }
 UPSTREAM_KEYS = ("use_eaft_loss", "eaft_alpha")  # LLaMA-Factory 0.9.5 defines these itself
-OUR_KEYS = tuple(OPTION_KEYS) + ("eaft_log_metrics",)
+OUR_KEYS = tuple(OPTION_KEYS) + ("eaft_log_metrics", "eaft_fused")
 
 _state = {"unsupported": None}  # why EAFT must be refused in this environment, if it must
 
@@ -70,6 +70,9 @@ def _fields_to_add(base) -> list:
         new.append((key, types[key], dataclasses.field(default=None, metadata={"help": help_text[key]})))
     new.append(("eaft_log_metrics", Optional[bool],
                 dataclasses.field(default=None, metadata={"help": "EAFT: log eaft/* metrics (default true)."})))
+    new.append(("eaft_fused", Optional[bool], dataclasses.field(
+        default=None, metadata={"help": "EAFT: compute the loss from hidden states and the LM head, no logits "
+                                        "(Llama / Qwen2 / Qwen3). Default false."})))
     return new
 
 
@@ -133,9 +136,14 @@ def check_combination(model_args, training_args, finetuning_args) -> None:
     for other in ("use_dft_loss", "use_asft_loss"):
         if getattr(finetuning_args, other, False):
             problems.append(f"{other} and use_eaft_loss both set (upstream silently picks one); keep one")
-    if getattr(model_args, "enable_liger_kernel", False):
+    fused = bool(getattr(finetuning_args, "eaft_fused", False))
+    if getattr(model_args, "enable_liger_kernel", False) and not fused:
+        # Liger's fused linear CE returns no logits. With eaft_fused our per-model forward replaces
+        # Liger's (Liger's norm / MLP / RoPE kernels stay), so the pair is allowed.
         problems.append("enable_liger_kernel computes a fused CE without logits, so EAFT cannot see them; "
-                        "set enable_liger_kernel: false")
+                        "add `eaft_fused: true` (fused EAFT, keeps Liger's other kernels) or set enable_liger_kernel: false")
+    if (getattr(training_args, "label_smoothing_factor", 0) or 0) > 0:
+        problems.append("label_smoothing_factor > 0 is ignored once a custom loss is set; set label_smoothing_factor: 0")
     if problems:
         raise ValueError("use_eaft_loss: true cannot run as configured:\n- " + "\n- ".join(problems))
 
@@ -215,8 +223,10 @@ class TrainerEAFT:
         self.step_acc = StatsAccumulator()  # this optimizer step, for weight_norm="mean"
         self.mean_weight = None
         self._step = None
+        self.fused = None  # the FusedEAFT handle when eaft_fused is on
 
     def __call__(self, outputs, labels, num_items_in_batch=None):
+        """The dense path: the trainer's compute_loss_func, on the model's logits."""
         from ..loss import eaft_loss
 
         logits = outputs.get("logits") if isinstance(outputs, dict) else getattr(outputs, "logits", None)
@@ -225,15 +235,23 @@ class TrainerEAFT:
                 "use_eaft_loss needs the model's logits, but the forward pass returned none (a fused loss kernel, "
                 "or sequence/context parallel); disable that or set use_eaft_loss: false"
             )
+        training = self.begin()
+        out = eaft_loss(logits, labels, options=self.options, num_items_in_batch=num_items_in_batch,
+                        mean_weight=self.mean_weight if training else None)
+        self.record(out.stats, training)
+        return out.loss
+
+    def begin(self) -> bool:
+        """Before a micro-batch's loss: whether it trains (and, for weight_norm, the step's divisor)."""
         training = self.trainer.model.training
         if training and self.options.weight_norm == "mean":
             self._start_step()
-        out = eaft_loss(logits, labels, options=self.options, num_items_in_batch=num_items_in_batch,
-                        mean_weight=self.mean_weight if training else None)
-        self.acc["train" if training else "eval"].add(out.stats)
+        return training
+
+    def record(self, stats, training: bool) -> None:
+        self.acc["train" if training else "eval"].add(stats)
         if training and self.options.weight_norm == "mean":
-            self.step_acc.add(out.stats)
-        return out.loss
+            self.step_acc.add(stats)
 
     def _start_step(self) -> None:
         """On the first micro-batch of an optimizer step, the last step's global mean raw weight."""
@@ -251,11 +269,39 @@ class TrainerEAFT:
         return {k: v for k, v in stats.means(prefix).items()}
 
 
+def _check_topk_fits(options: EAFTOptions, model) -> None:
+    """eaft_topk larger than the vocabulary: stop now, naming the key, not at the first loss call."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    if weight is not None and weight.dim() == 2:
+        try:
+            options.check_vocab(weight.shape[0])
+        except ValueError as exc:
+            raise ValueError(f"LLaMA-Factory key `eaft_topk`: {exc}") from None
+
+
+def _use_fused(trainer, finetuning_args) -> None:
+    """eaft_fused: the model's own forward computes the EAFT loss from hidden states and the LM head
+    (fused op, no logits), the way Liger patches a model; the trainer passes it labels and
+    num_items_in_batch, and reads the stats the forward left behind."""
+    from ..fused_model import patch_model_for_fused_eaft
+
+    eaft = trainer._eaft
+    try:  # logits only where eval metrics need them (compute_accuracy), never with a gradient
+        eaft.fused = patch_model_for_fused_eaft(trainer.model, eaft.options,
+                                                keep_logits=bool(getattr(finetuning_args, "compute_accuracy", False)))
+    except ValueError as exc:
+        raise ValueError(f"LLaMA-Factory key `eaft_fused`: {exc}") from None
+    eaft.fused.mean_weight = lambda: eaft.mean_weight if trainer.model.training else None
+    trainer.compute_loss_func = None  # upstream 0.9.5 set its own EAFT loss func here
+    trainer.model_accepts_loss_kwargs = True  # the patched forward takes num_items_in_batch
+
+
 def _patch_trainer(trainer_module) -> None:
     cls = trainer_module.CustomSeq2SeqTrainer
     if getattr(cls, "_eaft_plugins", False):
         return
-    original_init, original_log = cls.__init__, cls.log
+    original_init, original_log, original_compute_loss = cls.__init__, cls.log, cls.compute_loss
 
     def __init__(self, finetuning_args, *args, **kwargs):
         original_init(self, finetuning_args, *args, **kwargs)
@@ -264,9 +310,28 @@ def _patch_trainer(trainer_module) -> None:
             if options is None:  # the parser patch did not run: never fall back silently
                 raise RuntimeError("use_eaft_loss is set but eaft-plugins did not patch the argument parser; "
                                    "run `python -m eaft_plugins doctor`")
+            _check_topk_fits(options, self.model)
             log_metrics = finetuning_args.eaft_log_metrics is not False
             self._eaft = TrainerEAFT(self, options, log_metrics)
-            self.compute_loss_func = self._eaft
+            if finetuning_args.eaft_fused:
+                _use_fused(self, finetuning_args)
+            else:
+                self.compute_loss_func = self._eaft
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        eaft = getattr(self, "_eaft", None)
+        if eaft is None or eaft.fused is None:
+            return original_compute_loss(self, model, inputs, *args, **kwargs)
+        if "labels" not in inputs:
+            raise ValueError("eaft_fused: the batch has no labels, so the model would compute no EAFT loss")
+        training = eaft.begin()
+        eaft.fused.last_stats = None
+        result = original_compute_loss(self, model, inputs, *args, **kwargs)
+        if eaft.fused.last_stats is None:  # e.g. a wrapper that replaced our forward
+            raise RuntimeError("eaft_fused: the model's forward did not run the fused EAFT loss; "
+                               "set eaft_fused: false and report this model setup")
+        eaft.record(eaft.fused.last_stats, training)
+        return result
 
     def log(self, logs, *args, **kwargs):
         eaft = getattr(self, "_eaft", None)
@@ -277,7 +342,7 @@ def _patch_trainer(trainer_module) -> None:
                 logs.update(eaft.metrics("eval", "eval_eaft/"))
         return original_log(self, logs, *args, **kwargs)
 
-    cls.__init__, cls.log, cls._eaft_plugins = __init__, log, True
+    cls.__init__, cls.log, cls.compute_loss, cls._eaft_plugins = __init__, log, compute_loss, True
     record_patch(NAME, "train.sft.trainer.CustomSeq2SeqTrainer: EAFT loss from eaft_plugins, eaft/* metrics")
 
 
