@@ -180,3 +180,180 @@ def test_missing_logits_is_an_error(training_args):
     attach(training_args, EAFTOptions(), None)
     with pytest.raises(ValueError, match="needs the model's logits"):
         EAFTLoss(training_args, None)(outputs(None), torch.zeros(1, 4, dtype=torch.long))
+
+
+# --eaft_fused: flags, and the fused compute_loss on a real Seq2SeqTrainer (SmolLM2, CPU, in this process).
+
+
+def parse_real(smollm2_dir, tmp_path, argv):
+    """Full parsing on the real model (builds training_args), as `swift sft` does before loading weights."""
+    return parse(["--model", str(smollm2_dir), "--model_type", "llama", "--template", "chatml",
+                  "--output_dir", str(tmp_path), "--add_version", "false", "--report_to", "none", *argv])
+
+
+def test_fused_flag_reaches_the_trainer_args_not_the_options(smollm2_dir, tmp_path):
+    from eaft_plugins.integrations.swift_args import FLAGS, OPTION_FLAGS
+
+    assert "eaft_fused" in FLAGS and "eaft_fused" not in OPTION_FLAGS
+    args, _ = parse_real(smollm2_dir, tmp_path, ["--loss_type", "eaft", "--eaft_fused", "true", "--eaft_topk", "7"])
+    assert args.training_args.eaft_fused is True
+    assert args.training_args.eaft_options == EAFTOptions(topk=7)
+    args, _ = parse_real(smollm2_dir, tmp_path, ["--loss_type", "eaft"])
+    assert args.training_args.eaft_fused is False
+    assert options_from_flags({"eaft_fused": True}) == EAFTOptions()
+
+
+def test_fused_flag_needs_loss_type_eaft():
+    with pytest.raises(ValueError, match=r"--eaft_fused set but --loss_type is None.*--loss_type eaft"):
+        parse(["--eaft_fused", "true"])
+    with pytest.raises(ValueError, match=r"--eaft_fused set but --loss_type is 'cross_entropy'"):
+        parse(["--loss_type", "cross_entropy", "--eaft_fused", "false"])
+
+
+def test_liger_without_fused_is_refused_naming_both_ways_out():
+    with pytest.raises(ValueError) as err:
+        parse(["--loss_type", "eaft", "--use_liger_kernel", "true"])
+    assert "--use_liger_kernel" in str(err.value)
+    assert "Add --eaft_fused true" in str(err.value) and "or drop --use_liger_kernel" in str(err.value)
+
+
+def test_liger_with_fused_passes_the_eaft_checks(smollm2_dir, tmp_path):
+    """Allowed: the fused forward replaces Liger's. Without liger-kernel installed ms-swift itself then stops."""
+    try:
+        args, _ = parse_real(smollm2_dir, tmp_path, ["--loss_type", "eaft", "--eaft_fused", "true", "--use_liger_kernel", "true"])
+    except AssertionError as exc:  # ms-swift's own check: liger-kernel is not installed here
+        assert "liger" in str(exc)
+    else:
+        assert args.training_args.eaft_fused is True
+
+
+def test_fused_refuses_channel_loss():
+    with pytest.raises(ValueError, match="--eaft_fused true with --enable_channel_loss"):
+        parse(["--loss_type", "eaft", "--eaft_fused", "true", "--enable_channel_loss", "true"])
+
+
+@pytest.fixture(scope="module")
+def swift_model(smollm2_dir):
+    """SmolLM2 loaded by ms-swift itself (model_meta / model_info set), its chatml template, 4 encoded rows."""
+    from swift.model import get_model_processor
+    from swift.template import get_template
+
+    from eaft_plugins import mathgen
+
+    model, processor = get_model_processor(str(smollm2_dir), model_type="llama", torch_dtype=torch.float32)
+    template = get_template(processor, template_type="chatml", max_length=256, is_binary_loss_scale=False)
+    template.set_mode("train")
+    encoded = []
+    for item, scale in zip(mathgen.generate(4, seed=1), (2.0, 0.5, 1.0, 1.0)):
+        messages = [{"role": "user", "content": item["question"]},
+                    {"role": "assistant", "content": item["answer"], "loss_scale": scale}]
+        encoded.append(template.encode({"messages": messages}))
+    return model, template, encoded
+
+
+def swift_trainer(model, template, encoded, out, fused, **option_kwargs):
+    """A real ms-swift Seq2SeqTrainer with --loss_type eaft (the loss built from loss_map, as `swift sft` does)."""
+    from swift.trainers import Seq2SeqTrainer, Seq2SeqTrainingArguments
+
+    args = Seq2SeqTrainingArguments(output_dir=str(out), loss_type="eaft", report_to=[], check_model=False,
+                                     per_device_train_batch_size=2, remove_unused_columns=False)
+    attach(args, EAFTOptions(**option_kwargs), None, fused)
+    return Seq2SeqTrainer(model=model, args=args, template=template, train_dataset=encoded)
+
+
+def micro_batch_losses(trainer, batches, steps, n):
+    """compute_loss per micro-batch in train mode (global_step as given), no backward: the fused op
+    computes gradients inside the forward only when they are wanted."""
+    trainer.model.train()
+    losses = []
+    with torch.no_grad():
+        for batch, step in zip(batches, steps):
+            trainer.state.global_step = step
+            inputs = trainer._prepare_inputs(dict(batch))
+            losses.append(trainer.compute_loss(trainer.model, inputs, num_items_in_batch=torch.tensor(n)).item())
+    return losses
+
+
+def metric_values(trainer, mode="train"):
+    return {k: m.compute() for k, m in trainer.custom_metrics[mode].items()}
+
+
+def test_fused_trainer_equals_dense_trainer(swift_model, tmp_path):
+    """Same batches through ms-swift's own compute_loss + EAFTLoss (dense) and the fused compute_loss:
+    equal losses (loss_scale and weight_norm="mean" across two optimizer steps included), equal
+    eaft/* metrics, equal eval loss; no logits, so no token_acc, on the fused side."""
+    import copy
+
+    model, template, encoded = swift_model
+    dense_model = copy.deepcopy(model)
+    fused = swift_trainer(model, template, encoded, tmp_path / "fused", True, topk=10, alpha=0.5, weight_norm="mean")
+    dense = swift_trainer(dense_model, template, encoded, tmp_path / "dense", False, topk=10, alpha=0.5,
+                          weight_norm="mean")
+    handle = fused.compute_loss_func.fused
+    assert handle is not None and model.eaft_fused is handle and "forward" in model.__dict__  # bound at __init__
+    assert dense.compute_loss_func.fused is None and "forward" not in dense_model.__dict__
+    batches = [template.data_collator(encoded[i:i + 2]) for i in (0, 2, 0)]
+    n = sum(int((torch.tensor(e["labels"][1:]) != IGNORE).sum()) for e in encoded)
+    steps = [0, 0, 1]  # step 0: two micro-batches; step 1 divides by step 0's mean raw weight
+    want = micro_batch_losses(dense, batches, steps, n)
+    got = micro_batch_losses(fused, batches, steps, n)
+    assert got == pytest.approx(want, rel=1e-5)
+    assert fused.compute_loss_func.mean_weight == pytest.approx(dense.compute_loss_func.mean_weight, rel=1e-9)
+    assert fused.compute_loss_func.mean_weight is not None
+    want_metrics, got_metrics = metric_values(dense), metric_values(fused)
+    assert "token_acc" in want_metrics and "token_acc" not in got_metrics
+    for key in ("eaft/ce", "eaft/weight", "eaft/entropy", "eaft/conflict_frac"):
+        assert got_metrics[key] == pytest.approx(want_metrics[key], rel=1e-6)
+    # evaluation: Trainer.prediction_step under no_grad; the patched forward gets the labels too
+    for trainer in (fused, dense):
+        trainer.model.eval()
+    got_eval = fused.prediction_step(fused.model, dict(batches[0]), prediction_loss_only=True)[0]
+    want_eval = dense.prediction_step(dense.model, dict(batches[0]), prediction_loss_only=True)[0]
+    assert got_eval.item() == pytest.approx(want_eval.item(), rel=1e-5)
+    assert metric_values(fused, "eval")["eaft/ce"] == pytest.approx(metric_values(dense, "eval")["eaft/ce"], rel=1e-6)
+    handle.unpatch()
+
+
+def test_fused_forward_wins_over_a_later_instance_forward(swift_model, tmp_path):
+    """Trainer.train() applies Liger after __init__, replacing the instance's forward (liger-kernel's
+    instance patch sets `model.forward`); the fused compute_loss re-patches, and stays fused."""
+    import types
+
+    model, template, encoded = swift_model
+    trainer = swift_trainer(model, template, encoded, tmp_path, True)
+    model.forward = types.MethodType(type(model).forward, model)  # what the later patch does
+    batch = template.data_collator(encoded[:2])
+    loss = micro_batch_losses(trainer, [batch], [0], 50)[0]
+    handle = trainer.compute_loss_func.fused
+    assert model.eaft_fused is handle and handle.last_stats is not None
+    assert "token_acc" not in metric_values(trainer)  # no logits were built
+    handle.unpatch()
+    logits = model(**{k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")}).logits
+    want = eaft_loss(logits, batch["labels"], token_scale=batch["loss_scale"], num_items_in_batch=50).loss
+    assert loss == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_fused_refuses_lora_on_lm_head_before_training(swift_model, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    model, template, encoded = swift_model
+    import copy
+
+    lora = get_peft_model(copy.deepcopy(model), LoraConfig(r=2, target_modules=["lm_head"]))
+    with pytest.raises(ValueError, match=r"--eaft_fused true: fused EAFT needs a plain nn.Linear lm_head"):
+        swift_trainer(lora, template, encoded, tmp_path, True)
+
+
+def test_fused_refuses_an_unsupported_model_family(swift_model, tmp_path):
+    import transformers
+
+    model, template, encoded = swift_model
+    config = transformers.MistralConfig(vocab_size=model.config.vocab_size, hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
+    other = transformers.MistralForCausalLM(config)
+    other.model_meta, other.model_info = model.model_meta, model.model_info  # what ms-swift's loader attaches
+    with pytest.raises(ValueError) as err:
+        swift_trainer(other, template, encoded, tmp_path, True)
+    message = str(err.value)
+    assert "--eaft_fused true: fused EAFT (eaft_fused) supports LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM" in message
+    assert "got MistralForCausalLM" in message

@@ -147,6 +147,16 @@ def eaft_run(smollm2_dir, scaled_data, tmp_path_factory):
                      "--eval_steps", "2", "--per_device_eval_batch_size", "2")
 
 
+@pytest.fixture(scope="module")
+def eaft_fused_run(smollm2_dir, scaled_data, tmp_path_factory):
+    """The eaft_run settings with --eaft_fused true: the loss from hidden states + LM head, no logits."""
+    data, _ = scaled_data
+    out = tmp_path_factory.mktemp("swift_eaft_fused")
+    return swift_sft(smollm2_dir, data, out, "--loss_type", "eaft", "--eaft_topk", "10", "--eaft_alpha", "0.5",
+                     "--is_binary_loss_scale", "false", "--val_dataset", str(data), "--eval_strategy", "steps",
+                     "--eval_steps", "2", "--per_device_eval_batch_size", "2", "--eaft_fused", "true")
+
+
 def test_eaft_step1_loss_and_metrics_match_recomputation(smollm2_dir, model, scaled_data, eaft_run):
     """4 rows = one optimizer step of 2 micro-batches x 2 rows: step 1 sees exactly these rows."""
     _, rows = scaled_data
@@ -233,4 +243,34 @@ def test_eaft_flag_without_loss_type_errors(smollm2_dir, scaled_data, tmp_path):
     assert proc.returncode != 0
     assert "--eaft_alpha set but --loss_type is None" in proc.stderr
     assert "--loss_type eaft" in proc.stderr
+    assert not (tmp_path / "logging.jsonl").exists()
+
+
+def test_fused_run_equals_dense_run(eaft_run, eaft_fused_run):
+    """--eaft_fused true: same step-1 loss and eaft/* metrics as the dense run; step 2 (after one update
+    from the fused gradients) and the eval loss (eval with labels through the patched forward) too."""
+    dense_proc, dense = eaft_run
+    fused_proc, fused = eaft_fused_run
+    assert len(fused) == len(dense) == 2, fused
+    keys = ("loss", "eaft/ce", "eaft/weight", "eaft/entropy", "eaft/conflict_frac")
+    for key in keys:
+        assert fused[0][key] == pytest.approx(dense[0][key], rel=1e-4, abs=1e-7), key
+    # Steps 1 and 2 see the same 4 rows (one epoch each), so their difference is the update's effect alone.
+    update = abs(dense[1]["loss"] - dense[0]["loss"])
+    assert update > 1e-3
+    assert abs(fused[1]["loss"] - dense[1]["loss"]) < 0.01 * update
+    assert "token_acc" in dense[0] and "token_acc" not in fused[0]  # the fused path never builds logits
+    assert len(fused_proc.eval_rows) == 1
+    ev, dense_ev = fused_proc.eval_rows[0], dense_proc.eval_rows[0]
+    assert ev["eval_loss"] == pytest.approx(dense_ev["eval_loss"], rel=1e-4)
+    for key in ("eval_eaft/ce", "eval_eaft/weight", "eval_eaft/entropy", "eval_eaft/conflict_frac"):
+        assert ev[key] == pytest.approx(dense_ev[key], rel=1e-4, abs=1e-7), key
+
+
+def test_liger_without_fused_errors_naming_the_fix(smollm2_dir, scaled_data, tmp_path):
+    data, _ = scaled_data
+    proc, _ = swift_sft(smollm2_dir, data, tmp_path, "--loss_type", "eaft", "--use_liger_kernel", "true", check=False)
+    assert proc.returncode != 0
+    assert "--loss_type eaft with --use_liger_kernel" in proc.stderr
+    assert "Add --eaft_fused true" in proc.stderr and "or drop --use_liger_kernel" in proc.stderr
     assert not (tmp_path / "logging.jsonl").exists()

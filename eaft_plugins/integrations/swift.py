@@ -6,13 +6,17 @@ subprocess (or under torchrun), and every such Python process starts the bootstr
 arms import hooks; the patches happen when ms-swift imports the modules concerned:
 
 * `swift.loss.mapping`: adds `loss_map["eaft"]` (looked up by name when the trainer is built);
-* `swift.arguments.sft_args`: adds the `--eaft_*` fields to SftArguments (see swift_args).
+* `swift.arguments.sft_args`: adds the `--eaft_*` fields to SftArguments (see swift_args);
+* `swift.trainers.seq2seq_trainer`: at the end of Seq2SeqTrainer.__init__ (the model is set by
+  then, training has not started), an EAFT loss with `--eaft_fused true` patches the model and
+  the trainer's compute_loss (`EAFTLoss.bind_trainer`); nothing changes for other losses.
 
 Megatron (`megatron sft`) is wired by `swift_megatron` (docs/megatron.md).
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import sys
 
@@ -22,7 +26,7 @@ from .swift_args import LOSS_TYPE
 
 NAME = "swift"
 # The modules whose import applies the patches (`import swift` alone is lazy and patches nothing yet).
-DOCTOR_IMPORTS = ("swift.loss.mapping", "swift.arguments.sft_args")
+DOCTOR_IMPORTS = ("swift.loss.mapping", "swift.arguments.sft_args", "swift.trainers.seq2seq_trainer")
 
 
 def _register_loss(mapping) -> None:
@@ -43,6 +47,26 @@ def _extend_arguments(sft_args) -> None:
     record_patch(NAME, f"swift.arguments.SftArguments: --{' --'.join(FLAGS)}")
 
 
+def _patch_trainer(seq2seq_trainer) -> None:
+    cls = seq2seq_trainer.Seq2SeqTrainer
+    if cls.__dict__.get("_eaft_plugins", False):
+        return
+    original = cls.__init__
+
+    @functools.wraps(original)
+    def __init__(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        from .swift_loss import EAFTLoss
+
+        loss = getattr(self, "compute_loss_func", None)
+        if isinstance(loss, EAFTLoss):
+            loss.bind_trainer(self)  # a no-op unless --eaft_fused
+
+    cls.__init__ = __init__
+    cls._eaft_plugins = True
+    record_patch(NAME, "swift.trainers.Seq2SeqTrainer.__init__: --eaft_fused binds the fused EAFT forward")
+
+
 def _guarded(what, callback):
     def run(module):
         try:
@@ -57,6 +81,7 @@ def _guarded(what, callback):
 def activate() -> None:
     _bootstrap.when_imported("swift.loss.mapping", _guarded("registering loss_map['eaft']", _register_loss))
     _bootstrap.when_imported("swift.arguments.sft_args", _guarded("adding --eaft_* flags", _extend_arguments))
+    _bootstrap.when_imported("swift.trainers.seq2seq_trainer", _guarded("hooking Seq2SeqTrainer for --eaft_fused", _patch_trainer))
     if importlib.util.find_spec("eaft_plugins.integrations.swift_megatron") is None:
         record_error(NAME, "eaft_plugins.integrations.swift_megatron is missing: `megatron sft` has no EAFT")
         return

@@ -30,8 +30,11 @@ FLAGS = {
     "eaft_p_min": (Optional[float], "EAFT: confident-conflict probability threshold, in [0, 1] (default 0.1)"),
     "eaft_weight_norm": (Optional[str], f"EAFT: weight normalisation, one of {list(WEIGHT_NORMS)} (default none)"),
     "eaft_log_metrics": (Optional[bool], "EAFT: log eaft/ce, eaft/weight, eaft/entropy, eaft/conflict_frac (default true)"),
+    "eaft_fused": (Optional[bool], ("EAFT: compute the loss inside the model's forward from the last hidden states and "
+                                    "the LM head, never building the logits (Llama / Qwen2 / Qwen3; default false)")),
 }
-OPTION_FLAGS = [f for f in FLAGS if f != "eaft_log_metrics"]
+TRAINER_FLAGS = ("eaft_log_metrics", "eaft_fused")  # handed to the trainer, not EAFTOptions fields
+OPTION_FLAGS = [f for f in FLAGS if f not in TRAINER_FLAGS]
 
 
 def given_flags(args) -> Dict[str, object]:
@@ -86,13 +89,30 @@ def check_arguments(args) -> Optional[EAFTOptions]:
             f"--loss_type {LOSS_TYPE} does not support sequence parallel (--sequence_parallel_size "
             f"{args.sequence_parallel_size}); set --sequence_parallel_size 1."
         )
+    fused = bool(flags.get("eaft_fused"))
+    if getattr(args, "use_liger_kernel", False) and not fused:
+        # Without --eaft_fused, ms-swift pops the labels before the forward (a loss_type is set), so
+        # Liger's fused linear cross-entropy never runs: the full logits are built anyway, and Liger's
+        # loss-only evaluation (skip_logits=True without labels) fails.
+        raise ValueError(
+            f"--loss_type {LOSS_TYPE} with --use_liger_kernel: the dense EAFT loss needs the full logits, which "
+            "Liger's fused cross-entropy exists to avoid (its memory saving would be lost and its evaluation "
+            "fails). Add --eaft_fused true (fused EAFT from the hidden states and the LM head; Liger's other "
+            "kernels stay) or drop --use_liger_kernel."
+        )
+    if fused and getattr(args, "enable_channel_loss", False):
+        raise ValueError(
+            "--eaft_fused true with --enable_channel_loss: the per-channel losses need per-token losses from the "
+            "logits, which the fused path never builds; drop one of the two."
+        )
     return options_from_flags(flags)
 
 
-def attach(training_args, options: EAFTOptions, log_metrics: Optional[bool]) -> None:
+def attach(training_args, options: EAFTOptions, log_metrics: Optional[bool], fused: Optional[bool] = None) -> None:
     """Hand the validated options to the trainer's arguments (read back by the loss)."""
     training_args.eaft_options = options
     training_args.eaft_log_metrics = True if log_metrics is None else bool(log_metrics)
+    training_args.eaft_fused = bool(fused)
 
 
 def extend_sft_arguments(cls) -> None:
@@ -117,7 +137,7 @@ def extend_sft_arguments(cls) -> None:
         options = check_arguments(self)  # before the slow part: bad flags fail fast
         original(self, *a, **kw)
         if options is not None and getattr(self, "training_args", None) is not None:
-            attach(self.training_args, options, getattr(self, "eaft_log_metrics", None))
+            attach(self.training_args, options, getattr(self, "eaft_log_metrics", None), getattr(self, "eaft_fused", None))
 
     __post_init__.__wrapped__ = original
     cls.__post_init__ = __post_init__

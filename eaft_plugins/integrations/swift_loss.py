@@ -5,11 +5,16 @@ with unshifted labels. When ms-swift's per-token `loss_scale` is present, Seq2Se
 rolled it by one position and flattened it (`torch.roll(loss_scale, -1, -1).view(-1)`), i.e. it is
 aligned with the shifted labels, as in swift's own CustomCrossEntropyLoss; so the labels are shifted
 here and the core is called with shift=False.
+
+`--eaft_fused true`: the loss object is still created here (ms-swift builds it before the trainer
+has its model), then `bind_trainer` runs at the end of Seq2SeqTrainer.__init__ (a hook installed by
+the swift integration): it patches the model's forward with `patch_model_for_fused_eaft` (clear
+ValueError for unsupported models, before training) and gives that trainer instance a
+`compute_loss` that calls the model with the labels, so the EAFT loss comes from the hidden states
+and the LM head and no logits are built (see `_FusedComputeLoss`).
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 from swift.loss.base import BaseLoss
 
@@ -30,6 +35,10 @@ class EAFTLoss(BaseLoss):
             raise ValueError("this EAFT loss is for `swift sft`; `megatron sft` has its own wiring (docs/megatron.md)")
         self.options: EAFTOptions = getattr(args, "eaft_options", None) or EAFTOptions()
         self.log_metrics = bool(getattr(args, "eaft_log_metrics", True))
+        self.fused_requested = bool(getattr(args, "eaft_fused", False))
+        self.fused = None  # the FusedEAFT handle once bind_trainer patched the model
+        self._keep_logits = False
+        self._forward = None
         self.mean_weight = None  # weight_norm="mean": global mean raw weight of the previous optimizer step
         self._step = None
         self._step_raw = StatsAccumulator()
@@ -48,21 +57,24 @@ class EAFTLoss(BaseLoss):
 
     def __call__(self, outputs, labels, *, num_items_in_batch=None, loss_scale=None, **kwargs):
         trainer = kwargs.get("trainer") or self.trainer
+        if self.fused_requested and trainer is not None:
+            raise RuntimeError(
+                "--eaft_fused true is set, but the trainer computed the loss from the logits: the fused EAFT path "
+                "was not installed on this trainer (run `python -m eaft_plugins doctor`); never falling back "
+                "to the dense loss silently. Drop --eaft_fused or fix the installation."
+            )
         logits = getattr(outputs, "logits", outputs)
         if logits is None:
             raise ValueError(
                 f"--loss_type {LOSS_TYPE} needs the model's logits, but the forward pass returned none "
-                "(e.g. a fused Liger loss); drop --use_liger_kernel."
+                "(e.g. a fused Liger loss); add --eaft_fused true or drop --use_liger_kernel."
             )
         if trainer is not None:
             _check_sequence_parallel(trainer)
         opts = self.options
         labels = shift_labels(labels, opts.ignore_index)
         token_scale = None if loss_scale is None else loss_scale.reshape(labels.shape)  # already shifted
-        training = trainer is not None and trainer.model.training
-        track = training and opts.weight_norm == "mean"
-        if track:
-            self._start_step(trainer.state.global_step, logits.device)
+        training = self._begin(trainer, logits.device)
         out = eaft_loss(
             logits,
             labels,
@@ -72,11 +84,24 @@ class EAFTLoss(BaseLoss):
             mean_weight=self.mean_weight,
             token_scale=token_scale,
         )
-        if track:
-            self._step_raw.add(self._raw_stats(out.stats, logits, labels))
-        if self._logs and trainer is not None:
-            self._logs["train" if training else "eval"].acc.add(out.stats)
+        self._record(out.stats, training, trainer)
         return out.loss
+
+    # State shared by the dense path (__call__) and the fused one (_FusedComputeLoss).
+
+    def _begin(self, trainer, device) -> bool:
+        """Before a micro-batch's loss: whether it trains (and, for weight_norm="mean", the step's divisor)."""
+        training = trainer is not None and trainer.model.training
+        if training and self.options.weight_norm == "mean":
+            self._start_step(trainer.state.global_step, device)
+        return training
+
+    def _record(self, stats, training, trainer) -> None:
+        """After a micro-batch's loss: its stats into the weight_norm step sums and the metric log."""
+        if training and self.options.weight_norm == "mean":
+            self._step_raw.add(stats)
+        if self._logs and trainer is not None:
+            self._logs["train" if training else "eval"].acc.add(stats)
 
     def _start_step(self, step, device):
         """At the first micro-batch of an optimizer step, turn the last step's raw sums into mean_weight.
@@ -86,17 +111,111 @@ class EAFTLoss(BaseLoss):
         if step == self._step:
             return
         if self._step is not None:
-            raw = self._step_raw.pop(device=device)
-            if float(raw.tokens) > 0 and float(raw.weight_sum) > 0:
-                self.mean_weight = float(raw.weight_sum) / float(raw.tokens)
+            mean = self._step_raw.pop(device=device).raw_mean_weight  # weights before weight_norm
+            if mean is not None:
+                self.mean_weight = mean
         self._step = step
 
-    def _raw_stats(self, stats, logits, labels):
-        """This micro-batch's stats with the weights before weight_norm (to average over the step)."""
-        if self.mean_weight is not None:  # the core divided every weight by mean_weight (> 0)
-            return dataclasses.replace(stats, weight_sum=stats.weight_sum * self.mean_weight)
-        # First step: the core divided by this micro-batch's own mean; one extra no-grad pass gets the raw sums.
-        return eaft_loss(logits.detach(), labels, options=self.options.replace(weight_norm="none"), shift=False).stats
+    # --eaft_fused
+
+    def bind_trainer(self, trainer) -> None:
+        """--eaft_fused: patch the trainer's model and its compute_loss (after Seq2SeqTrainer.__init__).
+
+        Raises ValueError, before any training step, for what the fused path cannot honour.
+        """
+        if not self.fused_requested or self.fused is not None:
+            return
+        args = trainer.args
+        if getattr(args, "enable_channel_loss", False):
+            raise ValueError(
+                "--eaft_fused true with --enable_channel_loss: the per-channel losses need per-token losses from "
+                "the logits, which the fused path never builds; drop one of the two."
+            )
+        _check_sequence_parallel(trainer)
+        from swift.template import Template
+
+        own = getattr(type(trainer.template), "compute_sft_loss", None)
+        if own is not None and own is not Template.compute_sft_loss:
+            raise ValueError(
+                f"--eaft_fused true: the template {type(trainer.template).__name__} computes its own loss "
+                "(compute_sft_loss), which the fused path would bypass; drop --eaft_fused."
+            )
+        # Logits only where an eval metric consumes them (under no_grad), never for training.
+        self._keep_logits = trainer.compute_metrics is not None
+        self._patch(trainer.model)
+        trainer.compute_loss = _FusedComputeLoss(self, trainer)
+
+    def _patch(self, model):
+        from ..fused_model import patch_model_for_fused_eaft
+
+        try:
+            self.fused = patch_model_for_fused_eaft(model, self.options, keep_logits=self._keep_logits)
+        except ValueError as exc:
+            raise ValueError(f"--eaft_fused true: {exc}") from None
+        # Same divisor as the dense path: the last optimizer step's, in training and in evaluation.
+        self.fused.mean_weight = lambda: self.mean_weight
+        self._forward = self.fused.model.__dict__["forward"]
+
+    def _fused_handle(self):
+        """The handle, re-patching the model if its forward was replaced since (Liger's instance-level
+        patch, applied by Trainer.train() after __init__, does that): the fused forward always wins."""
+        lm = self.fused.model
+        if lm.__dict__.get("forward") is not self._forward or lm.__dict__.get("eaft_fused") is not self.fused:
+            self._patch(lm)
+        return self.fused
+
+
+class _FusedComputeLoss:
+    """Seq2SeqTrainer.compute_loss for --eaft_fused, set on the trainer instance by `bind_trainer`.
+
+    What ms-swift's compute_loss does for a loss_type, with the loss computed inside the model's
+    forward: the labels (and loss_scale, unshifted, as eaft_token_scale) go to the model with
+    num_items_in_batch, the EAFT stats come back on the outputs, then the same aux_loss metric,
+    `average_tokens_across_devices` factor and (with logits, eval metrics only) token accuracy.
+    """
+
+    def __init__(self, loss: EAFTLoss, trainer):
+        self.loss = loss
+        self.trainer = trainer
+
+    def __call__(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        trainer, eaft = self.trainer, self.loss
+        inputs.pop("compute_loss_func", None)
+        loss_scale = inputs.pop("loss_scale", None)  # aligned with the unshifted labels (swift rolls it later)
+        text_position_ids = inputs.pop("text_position_ids", None)
+        if text_position_ids is None:
+            text_position_ids = inputs.get("position_ids")
+        inputs.pop("channel", None)
+        inputs.pop("skip_logits", None)  # Trainer.prediction_step's Liger flag: this forward never builds logits anyway
+        labels = inputs.pop("labels", None)
+        if labels is None:
+            raise ValueError("--eaft_fused true: the batch has no labels, so the model would compute no EAFT loss")
+        _check_sequence_parallel(trainer)
+        handle = eaft._fused_handle()
+        mode = "train" if trainer.model.training else "eval"
+        training = eaft._begin(trainer, labels.device)
+        handle.last_stats = None
+        outputs = model(**inputs, labels=labels, num_items_in_batch=num_items_in_batch, eaft_token_scale=loss_scale)
+        if handle.last_stats is None:  # some wrapper bypassed the patched forward
+            raise RuntimeError(
+                "--eaft_fused true: the model's forward did not run the fused EAFT loss (it was replaced or "
+                "wrapped after patching); drop --eaft_fused and report this model setup"
+            )
+        eaft._record(handle.last_stats, training, trainer)
+        if getattr(outputs, "aux_loss", None) is not None:
+            trainer.custom_metrics[mode]["aux_loss"].update(outputs.aux_loss)
+        if getattr(trainer.args, "past_index", -1) >= 0:
+            trainer._past = outputs[trainer.args.past_index]
+        loss = outputs.loss
+        if (getattr(trainer.args, "average_tokens_across_devices", False) and trainer.model_accepts_loss_kwargs
+                and num_items_in_batch is not None):
+            loss = loss * trainer.accelerator.num_processes
+        if outputs.logits is not None and trainer.args.tuner_backend != "unsloth":
+            cu_seqlens = None
+            if trainer.template.padding_free and trainer.args.acc_strategy == "seq":
+                cu_seqlens = trainer.get_cu_seqlens(text_position_ids, inputs.get("logits_to_keep"))
+            trainer._compute_acc(outputs, labels, cu_seqlens=cu_seqlens)
+        return (loss, outputs) if return_outputs else loss
 
 
 def _check_sequence_parallel(trainer) -> None:
