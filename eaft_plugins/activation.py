@@ -34,6 +34,20 @@ def record_error(name: str, what: str) -> None:
     status(name).errors.append(what)
 
 
+def guarded(name: str, what: str, callback):
+    """An import-hook callback that never breaks the user's import: a failure is recorded (doctor
+    shows it) and printed."""
+
+    def run(module):
+        try:
+            callback(module)
+        except Exception as exc:
+            record_error(name, f"{what}: {exc!r}")
+            print(f"[eaft_plugins] {name}: {what} failed: {exc!r}", file=sys.stderr)
+
+    return run
+
+
 def entry_points() -> Dict[str, metadata.EntryPoint]:
     return {ep.name: ep for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
 

@@ -16,7 +16,6 @@ import shlex
 import subprocess
 import sys
 import threading
-import typing
 from pathlib import Path
 
 import pytest

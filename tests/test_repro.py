@@ -1,7 +1,6 @@
 """eaft-repro: statistics helpers against plain references, and quick real runs on SmolLM2."""
 
 import json
-import math
 import random
 import subprocess
 import sys

@@ -19,7 +19,7 @@ import sys
 from typing import Optional
 
 from .. import _bootstrap
-from ..activation import distribution_version, record_error, record_patch
+from ..activation import guarded, distribution_version, record_error, record_patch
 from ..options import EAFTOptions
 from ..stats import StatsAccumulator
 
@@ -347,14 +347,7 @@ def _patch_trainer(trainer_module) -> None:
 
 
 def _guarded(what, callback):
-    def run(module):
-        try:
-            callback(module)
-        except Exception as exc:  # never break the user's import; doctor shows it
-            record_error(NAME, f"{what}: {exc!r}")
-            print(f"[eaft_plugins] llamafactory: {what} failed: {exc!r}", file=sys.stderr)
-
-    return run
+    return guarded(NAME, what, callback)
 
 
 def activate() -> None:

@@ -18,10 +18,9 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import sys
 
 from .. import _bootstrap
-from ..activation import record_error, record_patch
+from ..activation import guarded, record_error, record_patch
 from .swift_args import LOSS_TYPE
 
 NAME = "swift"
@@ -68,14 +67,7 @@ def _patch_trainer(seq2seq_trainer) -> None:
 
 
 def _guarded(what, callback):
-    def run(module):
-        try:
-            callback(module)
-        except Exception as exc:  # never break the user's import; doctor shows it
-            record_error(NAME, f"{what}: {exc!r}")
-            print(f"[eaft_plugins] swift: {what} failed: {exc!r}", file=sys.stderr)
-
-    return run
+    return guarded(NAME, what, callback)
 
 
 def activate() -> None:
