@@ -30,10 +30,10 @@ from __future__ import annotations
 from typing import Optional, Union
 
 import torch
-import torch.nn.functional as F
 
 from .entropy import chunk_scores, finish_weights
-from .loss import EAFTOutput, _denominator, _row_chunks, ce_grad_rows, check_finite, compute_dtype, shift_labels, supervised_rows
+from .loss import (EAFTOutput, _denominator, _row_chunks, align_labels, ce_grad_rows, check_finite, check_label_shapes,
+                   compute_dtype, supervised_rows)
 from .options import EAFTOptions, OptionsLike, make_options
 from .stats import EAFTStats
 
@@ -73,20 +73,10 @@ def fused_linear_eaft_loss(
     if bias is not None and tuple(bias.shape) != (vocab,):
         raise ValueError(f"bias shape {tuple(bias.shape)} must be ({vocab},)")
     opts.check_vocab(vocab)
-    if hidden.shape[:-1] != labels.shape:
-        raise ValueError(
-            f"labels shape {tuple(labels.shape)} does not match hidden states shape {tuple(hidden.shape)} "
-            "without its last (hidden) dimension"
-        )
-    if token_scale is not None and token_scale.shape != labels.shape:
-        raise ValueError(f"token_scale shape {tuple(token_scale.shape)} must equal labels shape {tuple(labels.shape)}")
+    check_label_shapes(hidden, "hidden states", "hidden", labels, token_scale)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
-    labels = labels.to(hidden.device)
-    if shift:
-        labels = shift_labels(labels, opts.ignore_index)
-        if token_scale is not None:
-            token_scale = F.pad(token_scale[..., 1:], (0, 1), value=0)
+    labels, token_scale = align_labels(labels, token_scale, opts, shift, hidden.device)
     flat = hidden.reshape(-1, width)
     idx, y = supervised_rows(labels.reshape(-1), vocab, opts.ignore_index)
     scale = None if token_scale is None else token_scale.reshape(-1).to(hidden.device)[idx]

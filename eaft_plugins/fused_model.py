@@ -142,31 +142,16 @@ def _fused_forward(
 ):
     handle: FusedEAFT = self.eaft_fused
     shifted = kwargs.pop("shift_labels", None)
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                  past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache)
     if labels is None and shifted is None:
-        return handle._original_forward(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            logits_to_keep=logits_to_keep,
-            **kwargs,
-        )
+        return handle._original_forward(**inputs, logits_to_keep=logits_to_keep, **kwargs)
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     num_items_in_batch = kwargs.pop("num_items_in_batch", None)
     token_scale = kwargs.pop("eaft_token_scale", None)
     _check_lm_head(self)
-    outputs = self.model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        past_key_values=past_key_values,
-        inputs_embeds=inputs_embeds,
-        use_cache=use_cache,
-        **kwargs,
-    )
+    outputs = self.model(**inputs, **kwargs)
     hidden = outputs.last_hidden_state
     slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
     hidden = hidden[:, slice_indices, :]

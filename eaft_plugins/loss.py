@@ -86,21 +86,32 @@ def token_scores(
 def _prepare(logits, labels, opts: EAFTOptions, shift: bool, token_scale):
     vocab = logits.size(-1)
     opts.check_vocab(vocab)
-    if logits.shape[:-1] != labels.shape:
+    check_label_shapes(logits, "logits", "vocabulary", labels, token_scale)
+    labels, token_scale = align_labels(labels, token_scale, opts, shift, logits.device)
+    flat = logits.reshape(-1, vocab)  # a view for contiguous logits
+    idx, y = supervised_rows(labels.reshape(-1), vocab, opts.ignore_index)
+    return flat, idx, y, token_scale
+
+
+def check_label_shapes(inputs: torch.Tensor, name: str, last_dim: str, labels: torch.Tensor, token_scale) -> None:
+    """labels must be shaped like `inputs` without its last dimension, token_scale like labels."""
+    if inputs.shape[:-1] != labels.shape:
         raise ValueError(
-            f"labels shape {tuple(labels.shape)} does not match logits shape {tuple(logits.shape)} "
-            "without its last (vocabulary) dimension"
+            f"labels shape {tuple(labels.shape)} does not match {name} shape {tuple(inputs.shape)} "
+            f"without its last ({last_dim}) dimension"
         )
     if token_scale is not None and token_scale.shape != labels.shape:
         raise ValueError(f"token_scale shape {tuple(token_scale.shape)} must equal labels shape {tuple(labels.shape)}")
-    labels = labels.to(logits.device)
+
+
+def align_labels(labels: torch.Tensor, token_scale, opts: EAFTOptions, shift: bool, device):
+    """Labels on `device`, shifted for a causal LM when `shift` (token_scale moves with them)."""
+    labels = labels.to(device)
     if shift:
         labels = shift_labels(labels, opts.ignore_index)
         if token_scale is not None:
             token_scale = F.pad(token_scale[..., 1:], (0, 1), value=0)
-    flat = logits.reshape(-1, vocab)  # a view for contiguous logits
-    idx, y = supervised_rows(labels.reshape(-1), vocab, opts.ignore_index)
-    return flat, idx, y, token_scale
+    return labels, token_scale
 
 
 def supervised_rows(labels_flat: torch.Tensor, vocab: int, ignore_index: int):

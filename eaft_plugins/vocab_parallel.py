@@ -24,7 +24,8 @@ import torch
 import torch.distributed as dist
 
 from .entropy import finish_weights, topk_entropy
-from .loss import EAFTOutput, _denominator, _gather, _row_chunks, check_finite, compute_dtype, shift_labels, supervised_rows
+from .loss import (EAFTOutput, _denominator, _gather, _row_chunks, align_labels, check_finite, check_label_shapes,
+                   compute_dtype, supervised_rows)
 from .options import EAFTOptions, OptionsLike, make_options
 
 REDUCTIONS = ("mean", "none")
@@ -107,20 +108,10 @@ def vocab_parallel_eaft_loss(
     opts = make_options(options, **option_overrides)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {list(REDUCTIONS)}, got {reduction!r}")
-    if logits.shape[:-1] != labels.shape:
-        raise ValueError(
-            f"labels shape {tuple(labels.shape)} does not match logits shape {tuple(logits.shape)} "
-            "without its last (vocabulary) dimension"
-        )
-    if token_scale is not None and token_scale.shape != labels.shape:
-        raise ValueError(f"token_scale shape {tuple(token_scale.shape)} must equal labels shape {tuple(labels.shape)}")
+    check_label_shapes(logits, "logits", "vocabulary", labels, token_scale)
     layout = shard_layout(logits.size(-1), group, vocab_start)
     opts.check_vocab(layout.vocab_size)
-    labels = labels.to(logits.device)
-    if shift:
-        labels = shift_labels(labels, opts.ignore_index)
-        if token_scale is not None:
-            token_scale = torch.nn.functional.pad(token_scale[..., 1:], (0, 1), value=0)
+    labels, token_scale = align_labels(labels, token_scale, opts, shift, logits.device)
     flat = logits.reshape(-1, logits.size(-1))
     idx, y = supervised_rows(labels.reshape(-1), layout.vocab_size, opts.ignore_index)
     rows = opts.rows_per_chunk(max(layout.sizes))  # the same on every rank: the chunks are collective steps
