@@ -101,8 +101,7 @@ def causal_lm_of(model: nn.Module) -> nn.Module:
             break
     names = ", ".join(sorted(SUPPORTED))
     raise ValueError(
-        f"fused EAFT (eaft_fused) supports {names}; got {type(seen).__name__}. "
-        "Set eaft_fused to false to use the (non-fused) EAFT loss on the model's logits."
+        f"fused EAFT supports {names}; got {type(seen).__name__}"
     )
 
 
@@ -124,7 +123,7 @@ def _check_lm_head(lm: nn.Module) -> None:
     if not plain:
         raise ValueError(
             f"fused EAFT needs a plain nn.Linear lm_head, got {type(head).__name__} (e.g. LoRA or modules_to_save "
-            "on lm_head, whose delta the fused op would skip); leave lm_head out of the adapter or set eaft_fused to false"
+            "on lm_head, whose delta the fused op would skip); leave lm_head out of the adapter"
         )
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Optional, Union
 
 ENTROPY_NORMS = ("ln_k", "upstream", "none")
@@ -18,52 +18,42 @@ UPSTREAM_ENTROPY_DIVISOR = 3.0
 class EAFTOptions:
     """Options of the EAFT loss. Defaults follow the paper (top-20 entropy / ln 20, alpha 1).
 
-    topk: entries of the top-K distribution; None means exact full-vocabulary entropy.
-    alpha: exponent on the normalised entropy (weight = Htilde ** alpha).
-    entropy_norm: "ln_k" (divide by ln K, or ln |V| when topk is None), "upstream"
-        (divide by 3.0 like LLaMA-Factory 0.9.5), "none" (raw nats, like Axolotl).
-    gate: "soft" (weight = Htilde ** alpha), "hard" (weight 0 for confident conflicts,
-        1 otherwise: the paper's masked-SFT ablation), "shuffle" (soft weights randomly
-        permuted across the supervised tokens of the micro-batch: a control with the same
-        weight distribution and no relation to entropy).
-    h_min, p_min: a token is a "confident conflict" when Htilde < h_min and p(label) < p_min.
-        Used by the hard gate and by the conflict_frac statistic.
-    weight_norm: "none", or "mean" to divide the weights by their mean (see docs/loss.md).
-    ignore_index: label value that marks an unsupervised position.
-    chunk_size: rows upcast to fp32 at a time; None picks a size from the vocabulary.
+    Each user-facing field carries its help text in `metadata["help"]`: the framework keys, flags
+    and config fields, `eaft-analyze`'s flags and the option tables in docs/ are generated from it
+    (see `SETTINGS`). `weight_norm="mean"` and the statistics are explained in docs/loss.md.
     """
 
-    topk: Optional[int] = 20
-    alpha: float = 1.0
-    entropy_norm: str = "ln_k"
-    gate: str = "soft"
-    h_min: float = 0.15
-    p_min: float = 0.1
-    weight_norm: str = "none"
-    ignore_index: int = -100
-    chunk_size: Optional[int] = None
+    topk: Optional[int] = field(default=20, metadata={
+        "help": "entries of the top-K distribution whose entropy gates each token: an integer >= 2, or 'full' "
+                "(exact entropy over the whole vocabulary)", "kind": "topk"})
+    alpha: float = field(default=1.0, metadata={
+        "help": "exponent on the normalised entropy: weight = Htilde ** alpha, >= 0", "kind": "float"})
+    entropy_norm: str = field(default="ln_k", metadata={
+        "help": "what the entropy is divided by: ln_k (ln K, or ln |V| for 'full'), upstream (3.0, like "
+                "LLaMA-Factory 0.9.5) or none (raw nats, like Axolotl)", "kind": "choice", "choices": ENTROPY_NORMS})
+    gate: str = field(default="soft", metadata={
+        "help": "soft (weight = Htilde ** alpha), hard (weight 0 for confident conflicts, 1 otherwise: the "
+                "paper's masked-SFT ablation) or shuffle (soft weights permuted across the micro-batch's tokens: "
+                "a control)", "kind": "choice", "choices": GATES})
+    h_min: float = field(default=0.15, metadata={
+        "help": "a token is a confident conflict when Htilde < h_min and p(label) < p_min (hard gate, "
+                "conflict_frac metric), >= 0", "kind": "float"})
+    p_min: float = field(default=0.1, metadata={
+        "help": "label-probability threshold of a confident conflict, in [0, 1]", "kind": "float"})
+    weight_norm: str = field(default="none", metadata={
+        "help": "none, or mean: divide the weights by the previous optimizer step's global mean weight "
+                "(the same divisor in evaluation)", "kind": "choice", "choices": WEIGHT_NORMS})
+    ignore_index: int = -100  # set by the framework, not by the user
+    chunk_size: Optional[int] = None  # rows upcast to fp32 at a time; None: picked from the vocabulary
 
     def __post_init__(self) -> None:
         topk = self.topk
         if isinstance(topk, str):
-            if topk.strip().lower() not in ("full", "none"):
-                raise ValueError(f"topk must be an integer >= 2 or 'full' (exact entropy), got {topk!r}")
+            check_option("topk", topk)
             object.__setattr__(self, "topk", None)
-        elif topk is not None:
-            if isinstance(topk, bool) or not isinstance(topk, int) or topk < 2:
-                raise ValueError(f"topk must be an integer >= 2 or 'full' (exact entropy), got {topk!r}")
-        _check_number("alpha", self.alpha, low=0.0)
-        _check_choice("entropy_norm", self.entropy_norm, ENTROPY_NORMS)
-        _check_choice("gate", self.gate, GATES)
-        _check_choice("weight_norm", self.weight_norm, WEIGHT_NORMS)
-        _check_number("h_min", self.h_min, low=0.0)
-        _check_number("p_min", self.p_min, low=0.0, high=1.0)
-        if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
-            raise ValueError(f"ignore_index must be an integer, got {self.ignore_index!r}")
-        if self.chunk_size is not None and (
-            isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size < 1
-        ):
-            raise ValueError(f"chunk_size must be a positive integer or None, got {self.chunk_size!r}")
+        for f in fields(self):
+            if f.name != "topk" or not isinstance(topk, str):
+                check_option(f.name, getattr(self, f.name))
 
     def check_vocab(self, vocab_size: int) -> None:
         if self.topk is not None and self.topk > vocab_size:
@@ -113,9 +103,30 @@ def make_options(options: OptionsLike = None, **overrides) -> EAFTOptions:
     return EAFTOptions(**base)
 
 
-def _check_choice(name: str, value, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+def check_option(name: str, value) -> None:
+    """Validate one EAFTOptions field; the message starts with the field name and gives the allowed values."""
+    if name == "topk":
+        if isinstance(value, str):
+            if value.strip().lower() not in ("full", "none"):
+                raise ValueError(f"topk must be an integer >= 2 or 'full' (exact entropy), got {value!r}")
+        elif value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 2):
+            raise ValueError(f"topk must be an integer >= 2 or 'full' (exact entropy), got {value!r}")
+    elif name in ("alpha", "h_min"):
+        _check_number(name, value, low=0.0)
+    elif name == "p_min":
+        _check_number(name, value, low=0.0, high=1.0)
+    elif name in _CHOICES:
+        if value not in _CHOICES[name]:
+            raise ValueError(f"{name} must be one of {list(_CHOICES[name])}, got {value!r}")
+    elif name == "ignore_index":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"ignore_index must be an integer, got {value!r}")
+    elif name == "chunk_size":
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"chunk_size must be a positive integer or None, got {value!r}")
+
+
+_CHOICES = {"entropy_norm": ENTROPY_NORMS, "gate": GATES, "weight_norm": WEIGHT_NORMS}
 
 
 def _check_number(name: str, value, low: float, high: float = math.inf) -> None:
@@ -124,3 +135,125 @@ def _check_number(name: str, value, low: float, high: float = math.inf) -> None:
     if not low <= value <= high:
         bound = f">= {low}" if high == math.inf else f"in [{low}, {high}]"
         raise ValueError(f"{name} must be {bound}, got {value!r}")
+
+
+# ---- the user-facing schema: every framework's keys, flags and fields come from here -------------
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One user-facing EAFT setting. Frameworks spell it `eaft_<name>` (YAML key, flag, config field)."""
+
+    name: str
+    kind: str  # "topk", "float", "choice" or "bool"
+    default: object
+    help: str
+    choices: tuple = ()
+    trainer: bool = False  # a trainer setting (EAFTConfig), not an EAFTOptions field
+
+    @property
+    def key(self) -> str:
+        return f"eaft_{self.name}"
+
+    @property
+    def default_text(self) -> str:
+        if self.kind == "topk" and self.default is None:
+            return "full"
+        return str(self.default).lower() if self.kind == "bool" else str(self.default)
+
+
+@dataclass(frozen=True)
+class EAFTConfig:
+    """What a trainer needs: the loss options plus the two trainer settings."""
+
+    options: EAFTOptions = EAFTOptions()
+    log_metrics: bool = field(default=True, metadata={
+        "help": "log eaft/ce, eaft/weight, eaft/entropy, eaft/conflict_frac (and eval_eaft/*)", "kind": "bool"})
+    fused: bool = field(default=False, metadata={
+        "help": "compute the loss inside the model's forward from the last hidden states and the LM head, never "
+                "building the [tokens, vocab] logits (see docs/performance.md for the supported models)",
+        "kind": "bool"})
+
+
+def _settings() -> tuple:
+    out = []
+    for owner, trainer in ((EAFTOptions, False), (EAFTConfig, True)):
+        for f in fields(owner):
+            if "help" in f.metadata:
+                out.append(Setting(f.name, f.metadata["kind"], f.default, f.metadata["help"],
+                                   tuple(f.metadata.get("choices", ())), trainer))
+    return tuple(out)
+
+
+SETTINGS = _settings()
+SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
+KEYS = tuple(s.key for s in SETTINGS)  # eaft_topk, eaft_alpha, ..., eaft_log_metrics, eaft_fused
+
+
+@dataclass(frozen=True)
+class Spelling:
+    """How one framework writes a setting: in error messages (`shown`) and as a fix (`assign`)."""
+
+    shown_format: str = "`{key}`"  # e.g. "--{key}", "LLaMA-Factory key `{key}`"
+    assign_format: str = "{key}: {value}"  # e.g. "--{key} {value}", "{key}={value}"
+
+    def shown(self, name: str) -> str:
+        return self.shown_format.format(key=f"eaft_{name}")
+
+    def assign(self, name: str, value) -> str:
+        return self.assign_format.format(key=f"eaft_{name}", value=value)
+
+
+BOOL_WORDS = {"true": True, "1": True, "false": False, "0": False}
+
+
+def parse_bool(value, shown: str) -> bool:
+    """A bool, or "true"/"false"/"1"/"0" in any case (YAML may quote them); anything else is refused."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in BOOL_WORDS:
+        return BOOL_WORDS[value.strip().lower()]
+    raise ValueError(f"{shown} {value!r} is invalid: must be true or false (also \"true\"/\"false\"/\"1\"/\"0\")")
+
+
+def _coerce(setting: Setting, value, shown: str):
+    if setting.kind == "bool":
+        return parse_bool(value, shown)
+    if isinstance(value, str):
+        text = value.strip()
+        if setting.kind == "topk" and text.lstrip("-").isdigit():
+            return int(text)
+        if setting.kind == "float":
+            try:
+                return float(text)
+            except ValueError:
+                pass  # refused below with the allowed values
+    if setting.kind == "float" and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def config_from_keys(values, spelling: Spelling = Spelling()) -> EAFTConfig:
+    """EAFTConfig from the settings a user wrote: {name: value} by setting name (`topk`, not `eaft_topk`);
+    None means "not given". Strings are parsed; every error names the user's key and the allowed values."""
+    unknown = sorted(set(values) - set(SETTINGS_BY_NAME))
+    if unknown:
+        raise ValueError(f"unknown EAFT setting(s) {[spelling.shown(n) for n in unknown]}; "
+                         f"allowed: {[spelling.shown(s.name) for s in SETTINGS]}")
+    options, trainer = {}, {}
+    for name, raw in values.items():
+        if raw is None:
+            continue
+        setting = SETTINGS_BY_NAME[name]
+        value = _coerce(setting, raw, spelling.shown(name))
+        if setting.trainer:
+            trainer[name] = value
+            continue
+        try:
+            check_option(name, value)
+        except ValueError as exc:
+            raise ValueError(f"{spelling.shown(name)} {raw!r} is invalid: {exc}") from None
+        options[name] = value
+    return EAFTConfig(EAFTOptions(**options), **trainer)

@@ -60,12 +60,12 @@ def test_defaults_are_the_paper_defaults(smollm2_dir, data_dir, tmp_path):
 @pytest.mark.parametrize(
     "key, value, match",
     [
-        ("eaft_gate", "sharp", r"`eaft_gate`: gate must be one of \['soft', 'hard', 'shuffle'\]"),
-        ("eaft_topk", 1, r"`eaft_topk`: topk must be an integer >= 2 or 'full'"),
-        ("eaft_alpha", -1.0, r"`eaft_alpha`: alpha must be >= 0"),
-        ("eaft_entropy_norm", "log", r"`eaft_entropy_norm`: entropy_norm must be one of \['ln_k', 'upstream', 'none'\]"),
-        ("eaft_weight_norm", "sum", r"`eaft_weight_norm`: weight_norm must be one of \['none', 'mean'\]"),
-        ("eaft_p_min", 2.0, r"`eaft_p_min`: p_min must be in \[0.0, 1.0\]"),
+        ("eaft_gate", "sharp", r"`eaft_gate` 'sharp' is invalid: gate must be one of \['soft', 'hard', 'shuffle'\]"),
+        ("eaft_topk", 1, r"`eaft_topk` 1 is invalid: topk must be an integer >= 2 or 'full'"),
+        ("eaft_alpha", -1.0, r"`eaft_alpha` -1.0 is invalid: alpha must be >= 0"),
+        ("eaft_entropy_norm", "log", r"`eaft_entropy_norm` 'log' is invalid: entropy_norm must be one of \['ln_k', 'upstream', 'none'\]"),
+        ("eaft_weight_norm", "sum", r"`eaft_weight_norm` 'sum' is invalid: weight_norm must be one of \['none', 'mean'\]"),
+        ("eaft_p_min", 2.0, r"`eaft_p_min` 2.0 is invalid: p_min must be in \[0.0, 1.0\]"),
     ],
 )
 def test_bad_values_name_the_key(smollm2_dir, data_dir, tmp_path, key, value, match):
@@ -127,6 +127,60 @@ def test_label_smoothing_is_refused(smollm2_dir, data_dir, tmp_path):
 def test_eaft_fused_without_use_eaft_loss_is_refused(smollm2_dir, data_dir, tmp_path):
     with pytest.raises(ValueError, match=r"\['eaft_fused'\] set but use_eaft_loss is false"):
         parse(smollm2_dir, data_dir, tmp_path, eaft=False, eaft_fused=True)
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1.0])  # written with its default value counts too
+def test_upstream_key_without_use_eaft_loss_is_refused(smollm2_dir, data_dir, tmp_path, alpha):
+    # eaft_alpha is upstream's field (default 1.0), so only the keys the user wrote can tell.
+    with pytest.raises(ValueError, match=r"\['eaft_alpha'\] set but use_eaft_loss is false"):
+        parse(smollm2_dir, data_dir, tmp_path, eaft=False, eaft_alpha=alpha)
+
+
+def test_written_keys_from_argv():
+    argv = ["--model_name_or_path", "/m/eaft_plugins/x", "--eaft_alpha", "0.5", "--do_train", "--eaft_gate=hard"]
+    assert plugin.written_keys(argv) == {"model_name_or_path": "/m/eaft_plugins/x", "eaft_alpha": "0.5",
+                                         "do_train": True, "eaft_gate": "hard"}
+    with pytest.raises(ValueError, match=r"\['eaft_alpha', 'eaft_gate'\] set but use_eaft_loss is false"):
+        plugin.check_written_keys(argv)
+    assert plugin.check_written_keys(argv + ["--use_eaft_loss", "TRUE"]) is True
+    assert plugin.check_written_keys(["--model_name_or_path", "/cache/eaft_plugins/m"]) is False
+
+
+@pytest.mark.parametrize("written, fused, log_metrics", [
+    ({"eaft_fused": "false", "eaft_log_metrics": "False"}, False, False),
+    ({"eaft_fused": "TRUE", "eaft_log_metrics": "1"}, True, True),
+    ({"eaft_fused": "0"}, False, True),
+])
+def test_quoted_booleans_are_parsed(smollm2_dir, data_dir, tmp_path, written, fused, log_metrics):
+    *_, finetuning_args, _ = parse(smollm2_dir, data_dir, tmp_path, **written)
+    assert finetuning_args.eaft_config.fused is fused and finetuning_args.eaft_fused is fused
+    assert finetuning_args.eaft_config.log_metrics is log_metrics
+
+
+def test_a_bad_boolean_names_the_key(smollm2_dir, data_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"`eaft_fused` 'yes please' is invalid: must be true or false"):
+        parse(smollm2_dir, data_dir, tmp_path, eaft_fused="yes please")
+
+
+def test_quoted_false_use_eaft_loss_is_off(smollm2_dir, data_dir, tmp_path):
+    cfg = train_config(smollm2_dir, data_dir, tmp_path / "out", steps=1)
+    cfg["use_eaft_loss"] = "false"
+    *_, finetuning_args, _ = get_train_args(cfg)
+    assert finetuning_args.use_eaft_loss is False and finetuning_args.eaft_config is None
+
+
+def test_v1_guard_decides_from_the_parsed_keys(smollm2_dir, data_dir, tmp_path, monkeypatch):
+    import types
+
+    launcher = types.SimpleNamespace(launch=lambda: "launched")
+    plugin._patch_v1(launcher)
+    # A model path under ~/.cache/eaft_plugins/ mentions "eaft", but the config does not use EAFT.
+    plain = train_config(tmp_path / "eaft_plugins" / "model", data_dir, tmp_path / "o", steps=1, eaft=False)
+    monkeypatch.setattr(sys, "argv", ["llamafactory-cli", "train", str(write_yaml(plain, tmp_path / "plain.yaml"))])
+    assert launcher.launch() == "launched"
+    monkeypatch.setattr(sys, "argv", ["llamafactory-cli", "train", str(tmp_path / "plain.yaml"), "use_eaft_loss=true"])
+    with pytest.raises(ValueError, match=r"the v1 trainer \(USE_V1=1\) ignores use_eaft_loss"):
+        launcher.launch()
 
 
 def test_a_release_that_defines_our_keys_is_refused():

@@ -14,36 +14,30 @@ patch two modules as they load:
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 from typing import Optional
 
 from .. import _bootstrap
-from ..activation import guarded, distribution_version, record_error, record_patch
-from ..options import EAFTOptions
-from ..stats import StatsAccumulator
+from ..activation import distribution_version, guarded, record_error, record_patch
+from ..options import KEYS, SETTINGS, EAFTConfig, Spelling, config_from_keys, parse_bool
+from ..run import EAFTRun
 
 NAME = "llamafactory"
 SUPPORTED_VERSIONS = ("0.9.4", "0.9.5")
 DOCTOR_IMPORTS = ("llamafactory.hparams.parser", "llamafactory.train.sft.trainer")
 
-# YAML key -> EAFTOptions field. All default to None: "unset", so a key given without
-# use_eaft_loss is caught, and EAFTOptions supplies the real defaults.
-OPTION_KEYS = {
-    "eaft_topk": "topk",
-    "eaft_entropy_norm": "entropy_norm",
-    "eaft_gate": "gate",
-    "eaft_h_min": "h_min",
-    "eaft_p_min": "p_min",
-    "eaft_weight_norm": "weight_norm",
-}
+SPELLING = Spelling("LLaMA-Factory key `{key}`", "`{key}: {value}`")
 UPSTREAM_KEYS = ("use_eaft_loss", "eaft_alpha")  # LLaMA-Factory 0.9.5 defines these itself
-OUR_KEYS = tuple(OPTION_KEYS) + ("eaft_log_metrics", "eaft_fused")
+OUR_KEYS = tuple(k for k in KEYS if k not in UPSTREAM_KEYS)
+_TYPES = {"topk": Optional[str], "float": Optional[float], "choice": Optional[str], "bool": Optional[bool]}
 
 _state = {"unsupported": None}  # why EAFT must be refused in this environment, if it must
 
 
 def _fields_to_add(base) -> list:
+    """The eaft_* keys LLaMA-Factory lacks, from the option schema. Ours default to None ("not given")."""
     have = {f.name for f in dataclasses.fields(base)}
     clash = sorted(have & set(OUR_KEYS))
     if clash:
@@ -54,51 +48,27 @@ def _fields_to_add(base) -> list:
     new = []
     if "use_eaft_loss" not in have:
         new.append(("use_eaft_loss", bool, dataclasses.field(default=False, metadata={"help": "Use the EAFT loss."})))
-    if "eaft_alpha" not in have:
-        new.append(("eaft_alpha", float, dataclasses.field(default=1.0, metadata={"help": "EAFT weight exponent."})))
-    help_text = {
-        "eaft_topk": "EAFT: entries of the top-K entropy (int >= 2, or 'full'). Default 20.",
-        "eaft_entropy_norm": "EAFT: ln_k (default), upstream (divide by 3.0) or none.",
-        "eaft_gate": "EAFT: soft (default), hard (drop confident conflicts) or shuffle (control).",
-        "eaft_h_min": "EAFT: confident-conflict entropy threshold. Default 0.15.",
-        "eaft_p_min": "EAFT: confident-conflict probability threshold. Default 0.1.",
-        "eaft_weight_norm": "EAFT: none (default) or mean (divide weights by last step's mean).",
-    }
-    types = {"eaft_topk": Optional[str], "eaft_entropy_norm": Optional[str], "eaft_gate": Optional[str],
-             "eaft_h_min": Optional[float], "eaft_p_min": Optional[float], "eaft_weight_norm": Optional[str]}
-    for key in OPTION_KEYS:
-        new.append((key, types[key], dataclasses.field(default=None, metadata={"help": help_text[key]})))
-    new.append(("eaft_log_metrics", Optional[bool],
-                dataclasses.field(default=None, metadata={"help": "EAFT: log eaft/* metrics (default true)."})))
-    new.append(("eaft_fused", Optional[bool], dataclasses.field(
-        default=None, metadata={"help": "EAFT: compute the loss from hidden states and the LM head, no logits "
-                                        "(Llama / Qwen2 / Qwen3). Default false."})))
+    for setting in SETTINGS:
+        if setting.key in have:
+            continue
+        default = 1.0 if setting.key == "eaft_alpha" else None  # as upstream 0.9.5 declares it
+        new.append((setting.key, _TYPES[setting.kind], dataclasses.field(
+            default=default, metadata={"help": f"EAFT: {setting.help} (default {setting.default_text})"})))
     return new
 
 
-def eaft_options(finetuning_args) -> EAFTOptions:
-    """EAFTOptions from the YAML keys; errors name the key and its allowed values."""
-    values = {"alpha": finetuning_args.eaft_alpha}
-    for key, field in OPTION_KEYS.items():
-        value = getattr(finetuning_args, key)
-        if value is not None:
-            values[field] = _topk(value) if key == "eaft_topk" else value
-    try:
-        return EAFTOptions(**values)
-    except ValueError as exc:
-        option = str(exc).split()[0]
-        key = {v: k for k, v in OPTION_KEYS.items()}.get(option, "eaft_alpha" if option == "alpha" else option)
-        raise ValueError(f"LLaMA-Factory key `{key}`: {exc}") from None
-
-
-def _topk(value):
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        return int(value)
-    return value
+def eaft_config(finetuning_args) -> EAFTConfig:
+    """EAFTConfig from the eaft_* keys; errors name the key and its allowed values."""
+    return config_from_keys({s.name: getattr(finetuning_args, s.key, None) for s in SETTINGS}, SPELLING)
 
 
 def _set_keys(finetuning_args) -> list:
     return [k for k in OUR_KEYS if getattr(finetuning_args, k, None) is not None]
+
+
+def _refuse_keys_without_eaft(given) -> None:
+    if given:
+        raise ValueError(f"{sorted(given)} set but use_eaft_loss is false: add `use_eaft_loss: true` or remove them")
 
 
 def _make_args_class(base):
@@ -106,17 +76,45 @@ def _make_args_class(base):
 
     def __post_init__(self):
         base.__post_init__(self)
+        # YAML may quote it ('false'), which would be truthy as a string.
+        self.use_eaft_loss = parse_bool(self.use_eaft_loss, "LLaMA-Factory key `use_eaft_loss`")
         if self.use_eaft_loss:
-            self.eaft_options = eaft_options(self)
+            self.eaft_config = eaft_config(self)
+            self.eaft_options = self.eaft_config.options
+            self.eaft_fused, self.eaft_log_metrics = self.eaft_config.fused, self.eaft_config.log_metrics
         else:
-            given = _set_keys(self)
-            if given:
-                raise ValueError(f"{given} set but use_eaft_loss is false: add `use_eaft_loss: true` or remove them")
-            self.eaft_options = None
+            _refuse_keys_without_eaft(_set_keys(self))  # keys with an upstream default: see check_written_keys
+            self.eaft_config = self.eaft_options = None
 
     cls = dataclasses.make_dataclass(base.__name__, new_fields, bases=(base,), namespace={"__post_init__": __post_init__})
     cls.__module__ = __name__
     return cls
+
+
+def written_keys(raw) -> dict:
+    """The keys the user wrote, with their raw values: a config dict (YAML / JSON + overrides), or argv
+    (`--key value`, `--key=value`, a bare `--flag`). Decides by what was written, not by defaults."""
+    if isinstance(raw, dict):
+        return dict(raw)
+    out, items = {}, [str(t) for t in raw or []]
+    for i, token in enumerate(items):
+        if not token.startswith("--"):
+            continue
+        key, sep, value = token[2:].partition("=")
+        if not sep:
+            value = items[i + 1] if i + 1 < len(items) and not items[i + 1].startswith("--") else True
+        out[key] = value
+    return out
+
+
+def check_written_keys(raw) -> bool:
+    """Whether the written keys ask for EAFT; eaft_* keys without `use_eaft_loss: true` are refused."""
+    written = written_keys(raw)
+    on = written.get("use_eaft_loss")
+    on = False if on is None else parse_bool(on, "LLaMA-Factory key `use_eaft_loss`")
+    if not on:
+        _refuse_keys_without_eaft([k for k in written if k in KEYS])
+    return on
 
 
 def check_combination(model_args, training_args, finetuning_args) -> None:
@@ -136,7 +134,7 @@ def check_combination(model_args, training_args, finetuning_args) -> None:
     for other in ("use_dft_loss", "use_asft_loss"):
         if getattr(finetuning_args, other, False):
             problems.append(f"{other} and use_eaft_loss both set (upstream silently picks one); keep one")
-    fused = bool(getattr(finetuning_args, "eaft_fused", False))
+    fused = finetuning_args.eaft_config.fused
     if getattr(model_args, "enable_liger_kernel", False) and not fused:
         # Liger's fused linear CE returns no logits. With eaft_fused our per-model forward replaces
         # Liger's (Liger's norm / MLP / RoPE kernels stay), so the pair is allowed.
@@ -173,7 +171,8 @@ def _guard_get_train_args(parser) -> None:
     original = parser.get_train_args
 
     def get_train_args(args=None):
-        if _state["unsupported"] and _requests_eaft(parser.read_args(args)):
+        wants_eaft = check_written_keys(parser.read_args(args))
+        if _state["unsupported"] and wants_eaft:
             raise ValueError(_state["unsupported"])
         parsed = original(args)
         model_args, _, training_args, finetuning_args, _ = parsed
@@ -185,18 +184,12 @@ def _guard_get_train_args(parser) -> None:
     record_patch(NAME, "hparams.parser.get_train_args: refuses settings where EAFT would not run")
 
 
-def _requests_eaft(args) -> bool:
-    if isinstance(args, dict):
-        return bool(args.get("use_eaft_loss")) or any(str(k).startswith("eaft_") for k in args)
-    return any("eaft" in str(a) for a in args or [])
-
-
 def _patch_v1(launcher) -> None:
-    """USE_V1=1 runs LLaMA-Factory's v1 trainer, which has no EAFT: refuse EAFT configs there."""
+    """USE_V1=1 runs LLaMA-Factory's v1 trainer, which has no EAFT: refuse configs that ask for EAFT."""
     original = launcher.launch
 
     def launch(*args, **kwargs):
-        if any("eaft" in a for a in sys.argv[1:]) or any(_file_mentions_eaft(a) for a in sys.argv[1:]):
+        if check_written_keys(_raw_cli_args()):
             raise ValueError("the v1 trainer (USE_V1=1) ignores use_eaft_loss; unset USE_V1 to train with EAFT")
         return original(*args, **kwargs)
 
@@ -204,97 +197,49 @@ def _patch_v1(launcher) -> None:
     record_patch(NAME, "v1.launcher.launch: refuses EAFT configs (v1 has no EAFT)")
 
 
-def _file_mentions_eaft(path: str) -> bool:
-    if not path.endswith((".yaml", ".yml", ".json")) or not os.path.isfile(path):
-        return False
-    with open(path, encoding="utf-8") as fh:
-        text = fh.read()
-    return "use_eaft_loss" in text or "eaft_" in text
+def _raw_cli_args():
+    """What `llamafactory-cli train ...` was given, read the way LLaMA-Factory's parser reads it."""
+    argv = sys.argv[1:]
+    if argv and argv[0] in ("train", "sft"):
+        argv = argv[1:]
+    if argv and argv[0].endswith((".yaml", ".yml", ".json")) and os.path.isfile(argv[0]):
+        from omegaconf import OmegaConf
+
+        if argv[0].endswith(".json"):
+            with open(argv[0], encoding="utf-8") as fh:
+                config = OmegaConf.create(json.load(fh))
+        else:
+            config = OmegaConf.load(argv[0])
+        return OmegaConf.to_container(OmegaConf.merge(config, OmegaConf.from_cli(argv[1:])))
+    return argv
 
 
-class TrainerEAFT:
-    """The loss callable a CustomSeq2SeqTrainer uses, with its metric and weight_norm state."""
-
-    def __init__(self, trainer, options: EAFTOptions, log_metrics: bool):
-        self.trainer = trainer
-        self.options = options
-        self.log_metrics = log_metrics
-        self.acc = {"train": StatsAccumulator(), "eval": StatsAccumulator()}
-        self.step_acc = StatsAccumulator()  # this optimizer step, for weight_norm="mean"
-        self.mean_weight = None
-        self._step = None
-        self.fused = None  # the FusedEAFT handle when eaft_fused is on
-
-    def __call__(self, outputs, labels, num_items_in_batch=None):
-        """The dense path: the trainer's compute_loss_func, on the model's logits."""
-        from ..loss import eaft_loss
-
-        logits = outputs.get("logits") if isinstance(outputs, dict) else getattr(outputs, "logits", None)
-        if logits is None:
-            raise ValueError(
-                "use_eaft_loss needs the model's logits, but the forward pass returned none (a fused loss kernel, "
-                "or sequence/context parallel); disable that or set use_eaft_loss: false"
-            )
-        training = self.begin()
-        out = eaft_loss(logits, labels, options=self.options, num_items_in_batch=num_items_in_batch,
-                        mean_weight=self.mean_weight if training else None)
-        self.record(out.stats, training)
-        return out.loss
-
-    def begin(self) -> bool:
-        """Before a micro-batch's loss: whether it trains (and, for weight_norm, the step's divisor)."""
-        training = self.trainer.model.training
-        if training and self.options.weight_norm == "mean":
-            self._start_step()
-        return training
-
-    def record(self, stats, training: bool) -> None:
-        self.acc["train" if training else "eval"].add(stats)
-        if training and self.options.weight_norm == "mean":
-            self.step_acc.add(stats)
-
-    def _start_step(self) -> None:
-        """On the first micro-batch of an optimizer step, the last step's global mean raw weight."""
-        step = self.trainer.state.global_step
-        if step == self._step:
-            return
-        if self._step is not None:  # every rank reaches this at the same micro-batch
-            total = self.step_acc.pop(device=self.trainer.args.device)
-            self.mean_weight = total.raw_mean_weight
-        self._step = step
-
-    def metrics(self, mode: str, prefix: str) -> dict:
-        """Reduced over ranks (a collective: every rank calls it from Trainer.log)."""
-        stats = self.acc[mode].pop(device=self.trainer.args.device)
-        return {k: v for k, v in stats.means(prefix).items()}
+def _logits(outputs):
+    return outputs.get("logits") if isinstance(outputs, dict) else getattr(outputs, "logits", None)
 
 
-def _check_topk_fits(options: EAFTOptions, model) -> None:
-    """eaft_topk larger than the vocabulary: stop now, naming the key, not at the first loss call."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    weight = getattr(head, "weight", None)
-    if weight is not None and weight.dim() == 2:
-        try:
-            options.check_vocab(weight.shape[0])
-        except ValueError as exc:
-            raise ValueError(f"LLaMA-Factory key `eaft_topk`: {exc}") from None
+def _use_eaft(trainer, finetuning_args) -> None:
+    """Build the trainer's EAFTRun and route its loss through it: the dense compute_loss_func, or with
+    eaft_fused the model's own forward (fused op, no logits), the way Liger patches a model."""
+    config = getattr(finetuning_args, "eaft_config", None)
+    if config is None:  # the parser patch did not run: never fall back silently
+        raise RuntimeError("use_eaft_loss is set but eaft-plugins did not patch the argument parser; "
+                           "run `python -m eaft_plugins doctor`")
+    run = trainer._eaft = EAFTRun(config, SPELLING)
+    run.check_vocab(trainer.model)
+    if config.fused:
+        # Logits only where eval metrics need them (compute_accuracy), never with a gradient.
+        run.patch_fused(trainer.model, keep_logits=bool(getattr(finetuning_args, "compute_accuracy", False)))
+        trainer.compute_loss_func = None  # upstream 0.9.5 set its own EAFT loss func here
+        trainer.model_accepts_loss_kwargs = True  # the patched forward takes num_items_in_batch
+        return
 
+    def compute_loss_func(outputs, labels, num_items_in_batch=None):
+        return run.dense_loss(_logits(outputs), labels, training=trainer.model.training,
+                              step=trainer.state.global_step, device=trainer.args.device,
+                              num_items_in_batch=num_items_in_batch)
 
-def _use_fused(trainer, finetuning_args) -> None:
-    """eaft_fused: the model's own forward computes the EAFT loss from hidden states and the LM head
-    (fused op, no logits), the way Liger patches a model; the trainer passes it labels and
-    num_items_in_batch, and reads the stats the forward left behind."""
-    from ..fused_model import patch_model_for_fused_eaft
-
-    eaft = trainer._eaft
-    try:  # logits only where eval metrics need them (compute_accuracy), never with a gradient
-        eaft.fused = patch_model_for_fused_eaft(trainer.model, eaft.options,
-                                                keep_logits=bool(getattr(finetuning_args, "compute_accuracy", False)))
-    except ValueError as exc:
-        raise ValueError(f"LLaMA-Factory key `eaft_fused`: {exc}") from None
-    eaft.fused.mean_weight = lambda: eaft.mean_weight if trainer.model.training else None
-    trainer.compute_loss_func = None  # upstream 0.9.5 set its own EAFT loss func here
-    trainer.model_accepts_loss_kwargs = True  # the patched forward takes num_items_in_batch
+    trainer.compute_loss_func = compute_loss_func
 
 
 def _patch_trainer(trainer_module) -> None:
@@ -305,41 +250,28 @@ def _patch_trainer(trainer_module) -> None:
 
     def __init__(self, finetuning_args, *args, **kwargs):
         original_init(self, finetuning_args, *args, **kwargs)
-        options = getattr(finetuning_args, "eaft_options", None)
         if getattr(finetuning_args, "use_eaft_loss", False):
-            if options is None:  # the parser patch did not run: never fall back silently
-                raise RuntimeError("use_eaft_loss is set but eaft-plugins did not patch the argument parser; "
-                                   "run `python -m eaft_plugins doctor`")
-            _check_topk_fits(options, self.model)
-            log_metrics = finetuning_args.eaft_log_metrics is not False
-            self._eaft = TrainerEAFT(self, options, log_metrics)
-            if finetuning_args.eaft_fused:
-                _use_fused(self, finetuning_args)
-            else:
-                self.compute_loss_func = self._eaft
+            _use_eaft(self, finetuning_args)
 
     def compute_loss(self, model, inputs, *args, **kwargs):
-        eaft = getattr(self, "_eaft", None)
-        if eaft is None or eaft.fused is None:
+        run = getattr(self, "_eaft", None)
+        if run is None or run.fused is None:
             return original_compute_loss(self, model, inputs, *args, **kwargs)
         if "labels" not in inputs:
             raise ValueError("eaft_fused: the batch has no labels, so the model would compute no EAFT loss")
-        training = eaft.begin()
-        eaft.fused.last_stats = None
+        training = self.model.training
+        run.begin_fused(training, self.state.global_step, self.args.device)
         result = original_compute_loss(self, model, inputs, *args, **kwargs)
-        if eaft.fused.last_stats is None:  # e.g. a wrapper that replaced our forward
-            raise RuntimeError("eaft_fused: the model's forward did not run the fused EAFT loss; "
-                               "set eaft_fused: false and report this model setup")
-        eaft.record(eaft.fused.last_stats, training)
+        run.end_fused(training)
         return result
 
     def log(self, logs, *args, **kwargs):
-        eaft = getattr(self, "_eaft", None)
-        if eaft is not None and eaft.log_metrics:
+        run = getattr(self, "_eaft", None)
+        if run is not None and run.log_metrics:
             if "loss" in logs:
-                logs.update(eaft.metrics("train", "eaft/"))
+                logs.update(run.metrics("train", self.args.device))
             elif "eval_loss" in logs:
-                logs.update(eaft.metrics("eval", "eval_eaft/"))
+                logs.update(run.metrics("eval", self.args.device))
         return original_log(self, logs, *args, **kwargs)
 
     cls.__init__, cls.log, cls.compute_loss, cls._eaft_plugins = __init__, log, compute_loss, True

@@ -1,0 +1,139 @@
+"""The trainer side of EAFT, shared by every framework adapter (LLaMA-Factory, ms-swift, TRL, HF Trainer).
+
+An adapter only translates its framework's hooks into calls on one `EAFTRun`:
+
+    run = EAFTRun(config, spelling)              # when the trainer is built
+    run.check_vocab(model)                       # eaft_topk larger than the vocabulary: stop now
+    loss = run.dense_loss(logits, labels, training=..., step=..., ...)   # compute_loss_func
+    # or, with eaft_fused: run.patch_fused(model), then per micro-batch
+    run.begin_fused(training, step, device); outputs = model(..., labels=...); run.end_fused(training)
+    logs.update(run.metrics("train", device))    # at each log (a collective: every rank calls it)
+
+It owns the per-step mean weight of `weight_norm="mean"` (one rule: the divisor is the previous
+optimizer step's global mean raw weight, in training and in evaluation; before the first step each
+micro-batch divides by its own mean), the train / eval statistics and their cross-rank reduction,
+the metric names, and the check that a fused forward really produced statistics.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from .options import EAFTConfig, Spelling
+from .stats import EAFTStats, StatsAccumulator
+
+METRICS = ("ce", "weight", "entropy", "conflict_frac")
+PREFIXES = {"train": "eaft/", "eval": "eval_eaft/"}
+
+
+def metric_names(mode: str = "train") -> tuple:
+    return tuple(PREFIXES[mode] + m for m in METRICS)
+
+
+def metric_values(stats: EAFTStats, mode: str = "train") -> dict:
+    """Per-token means of `stats` under the mode's metric names, and the token count (`eaft/tokens`).
+    With no supervised token only the count is there: a mean over 0 tokens is not a measurement."""
+    means = stats.means(PREFIXES[mode])
+    keep = metric_names(mode) if float(stats.tokens) > 0 else ()
+    return {k: v for k, v in means.items() if k in keep or k.endswith("/tokens")}
+
+
+class EAFTRun:
+    """EAFT state of one trainer: options, weight_norm divisor, statistics, fused handle."""
+
+    def __init__(self, config: EAFTConfig, spelling: Spelling = Spelling()):
+        self.config = config
+        self.options = config.options
+        self.spelling = spelling
+        self.log_metrics = config.log_metrics
+        self.acc = {"train": StatsAccumulator(), "eval": StatsAccumulator()}
+        self.mean_weight: Optional[float] = None  # weight_norm="mean": the last finished step's global mean
+        self._step_acc = StatsAccumulator()
+        self._step = None
+        self.fused = None  # the FusedEAFT handle once patch_fused ran
+
+    # ---- before training
+
+    def check_vocab(self, model) -> None:
+        """A top-K larger than the model's vocabulary stops here, naming the user's key."""
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        weight = getattr(head, "weight", None)
+        if weight is not None and weight.dim() == 2:
+            self.check_vocab_size(weight.shape[0])
+
+    def check_vocab_size(self, vocab_size: int) -> None:
+        try:
+            self.options.check_vocab(vocab_size)
+        except ValueError as exc:
+            raise ValueError(f"{self.spelling.shown('topk')}: {exc}") from None
+
+    def patch_fused(self, model, keep_logits: bool = False):
+        """Patch the model's forward to compute the fused EAFT loss (ValueError, naming the key, when it cannot)."""
+        from .fused_model import patch_model_for_fused_eaft
+
+        try:
+            self.fused = patch_model_for_fused_eaft(model, self.options, keep_logits=keep_logits)
+        except ValueError as exc:
+            raise ValueError(f"{self.spelling.assign('fused', 'true')}: {exc}; or set "
+                             f"{self.spelling.assign('fused', 'false')} (EAFT on the model's logits)") from None
+        self.fused.mean_weight = lambda: self.mean_weight
+        return self.fused
+
+    # ---- per micro-batch
+
+    def begin(self, training: bool, step: int, device=None) -> Optional[float]:
+        """Before a micro-batch's loss: the weight_norm divisor to use (None: the micro-batch's own mean).
+
+        On the first training micro-batch of a new optimizer step, the previous step's raw sums are
+        reduced over ranks (every rank runs the same micro-batches, so all join the collective).
+        """
+        if training and self.options.weight_norm == "mean" and step != self._step:
+            if self._step is not None:
+                mean = self._step_acc.pop(device=device).raw_mean_weight
+                if mean is not None:
+                    self.mean_weight = mean
+            self._step = step
+        return self.mean_weight
+
+    def record(self, stats: EAFTStats, training: bool) -> None:
+        self.acc["train" if training else "eval"].add(stats)
+        if training and self.options.weight_norm == "mean":
+            self._step_acc.add(stats)
+
+    def dense_loss(self, logits, labels, *, training: bool, step: int, device=None, num_items_in_batch=None,
+                   shift: bool = True, token_scale=None):
+        """The EAFT loss on materialised logits, with the statistics recorded."""
+        from .loss import eaft_loss
+
+        if logits is None:
+            raise ValueError(
+                f"EAFT needs the model's logits, but the forward pass returned none (a fused loss kernel such as "
+                f"Liger's, or sequence / context parallel): set {self.spelling.assign('fused', 'true')} where the "
+                "model supports it, or disable what removed the logits")
+        mean_weight = self.begin(training, step, device if device is not None else logits.device)
+        out = eaft_loss(logits, labels, options=self.options, num_items_in_batch=num_items_in_batch, shift=shift,
+                        mean_weight=mean_weight, token_scale=token_scale)
+        self.record(out.stats, training)
+        return out.loss
+
+    def begin_fused(self, training: bool, step: int, device=None) -> None:
+        self.begin(training, step, device)
+        self.fused.last_stats = None
+
+    def end_fused(self, training: bool) -> None:
+        """After the model's forward: its statistics, or an error when the fused loss did not run."""
+        if self.fused.last_stats is None:  # a wrapper replaced or bypassed the patched forward
+            raise RuntimeError(
+                f"{self.spelling.assign('fused', 'true')}: the model's forward did not run the fused EAFT loss "
+                f"(it was replaced or wrapped after patching); set {self.spelling.assign('fused', 'false')} "
+                "and report this model setup")
+        self.record(self.fused.last_stats, training)
+
+    # ---- at log time
+
+    def metrics(self, mode: str, device=None, reduce: bool = True) -> dict:
+        """The mode's metrics since the last call, reduced over ranks (see metric_values).
+
+        A collective when `reduce`: every rank must call it at the same point.
+        """
+        return metric_values(self.acc[mode].pop(device=device, reduce=reduce), mode)
