@@ -14,7 +14,7 @@ from .activation import ENTRY_POINT_GROUP, distribution_version, entry_points, s
 
 PTH_NAME = "eaft_plugins.pth"
 # entry-point name -> distribution name on PyPI
-DISTRIBUTIONS = {"llamafactory": "llamafactory", "swift": "ms-swift"}
+DISTRIBUTIONS = {"llamafactory": "llamafactory", "swift": "ms-swift", "trl": "trl"}
 
 
 def _pth_files():

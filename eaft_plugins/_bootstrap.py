@@ -13,7 +13,7 @@ import sys
 import threading
 
 # Top-level modules whose import activates the integration of the same entry-point name.
-FRAMEWORK_MODULES = ("llamafactory", "swift")
+FRAMEWORK_MODULES = ("llamafactory", "swift", "trl")
 
 _hooks = {}  # module name -> list of callbacks(module)
 _lock = threading.RLock()

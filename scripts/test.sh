@@ -8,5 +8,6 @@ cd "$(dirname "$0")/.."
 VENV=$(bash scripts/setup.sh | tail -n 1)
 bash scripts/setup_swift.sh >/dev/null
 bash scripts/setup_lf094.sh >/dev/null
+bash scripts/setup_trl.sh >/dev/null
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 exec "$VENV/bin/python" -m pytest "$@"
