@@ -46,6 +46,9 @@ def read_records(path) -> List[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
+FORMATS = ("auto", "alpaca", "sharegpt", "messages", "swift_query")  # every format to_messages reads
+
+
 def detect_format(row: dict) -> str:
     if "messages" in row:
         return "messages"
@@ -55,7 +58,7 @@ def detect_format(row: dict) -> str:
         return "alpaca"
     if "query" in row and "response" in row:
         return "swift_query"
-    raise ValueError(f"cannot tell the data format from keys {sorted(row)}; pass --format alpaca|sharegpt|messages")
+    raise ValueError(f"cannot tell the data format from keys {sorted(row)}; pass --format {'|'.join(FORMATS[1:])}")
 
 
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
@@ -86,7 +89,7 @@ def to_messages(row: dict, fmt: str = "auto") -> List[Dict[str, str]]:
         for q, a in row.get("history") or []:
             msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
         return msgs + [{"role": "user", "content": row["query"]}, {"role": "assistant", "content": row["response"]}]
-    raise ValueError(f"--format must be one of ['auto', 'alpaca', 'sharegpt', 'messages'], got {fmt!r}")
+    raise ValueError(f"--format must be one of {list(FORMATS)}, got {fmt!r}")
 
 
 def first_prompt(messages: List[Dict[str, str]]) -> Optional[List[Dict[str, str]]]:
@@ -335,8 +338,8 @@ def analyze(model_path, data_path, out_dir, fmt: str = "auto", opts: Optional[EA
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="eaft-analyze", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="local model directory or Hub id")
-    p.add_argument("--data", required=True, help="local .json/.jsonl: alpaca, sharegpt or messages rows")
-    p.add_argument("--format", default="auto", choices=["auto", "alpaca", "sharegpt", "messages"])
+    p.add_argument("--data", required=True, help="local .json/.jsonl: alpaca, sharegpt, messages or swift query/response rows")
+    p.add_argument("--format", default="auto", choices=FORMATS)
     p.add_argument("--out", default="eaft_analysis")
     p.add_argument("--limit", type=int, default=None, help="first N examples only")
     p.add_argument("--cutoff", type=int, default=1024, help="max tokens per example")

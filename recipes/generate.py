@@ -12,6 +12,7 @@ hparams.yaml. `python recipes/generate.py --check` exits 1 when a committed file
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import shlex
 import sys
 from pathlib import Path
@@ -19,6 +20,9 @@ from pathlib import Path
 import yaml
 
 RECIPES = Path(__file__).resolve().parent
+_spec = importlib.util.spec_from_file_location("recipes_common_models", RECIPES / "common" / "models.py")
+models = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(models)
 DOMAINS = ("math", "medical", "agent")
 METHOD_NAMES = ("sft", "eaft", "eaft_hard", "dft")
 GPUS_PER_NODE = 8  # the YAML's gradient_accumulation_steps assumes one 8-GPU node; launchers rescale it
@@ -92,7 +96,7 @@ def llamafactory_config(hp: dict, method: str) -> dict:
         # dataset
         "dataset_dir": f"recipes/{d}/data",
         "dataset": hp["llamafactory_dataset"],
-        "template": hp["llamafactory_template"],
+        "template": models.lookup(hp["model"], "llamafactory"),  # the template follows the model
         "cutoff_len": hp["max_length"],
         "overwrite_cache": True,
         "preprocessing_num_workers": 16,

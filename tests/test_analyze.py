@@ -94,6 +94,20 @@ def test_formats_to_messages():
         analyze.to_messages({"x": 1})
 
 
+def test_format_flag_offers_every_reader_format():
+    """--format accepts swift_query (ms-swift query/response rows), which to_messages reads."""
+    sq = {"query": "q2", "response": "r2", "history": [["q1", "r1"]]}
+    want = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "r1"},
+            {"role": "user", "content": "q2"}, {"role": "assistant", "content": "r2"}]
+    assert analyze.to_messages(sq) == analyze.to_messages(sq, "swift_query") == want
+    args = analyze.build_parser().parse_args(["--model", "m", "--data", "d.jsonl", "--format", "swift_query"])
+    assert args.format == "swift_query"
+    for fmt in ("alpaca", "sharegpt", "messages", "swift_query"):
+        analyze.build_parser().parse_args(["--model", "m", "--data", "d", "--format", fmt])
+    with pytest.raises(ValueError, match="swift_query"):
+        analyze.to_messages({"x": 1}, "bogus")
+
+
 def test_supervised_tokens_are_the_assistant_turns(smollm2_dir):
     from transformers import AutoTokenizer
 

@@ -154,18 +154,20 @@ def test_dry_run_commands(domain):
 
 
 def test_dry_run_multi_node_and_overrides():
-    envs, argv = dry_run("math", "llamafactory", "eaft", "--", "model_name_or_path=/m", NNODES="2", NODE_RANK="1",
-                         MASTER_ADDR="10.0.0.1", MASTER_PORT="6000")
+    envs, argv = dry_run("math", "llamafactory", "eaft", "--", "model_name_or_path=/m", "template=chatml", NNODES="2",
+                         NODE_RANK="1", MASTER_ADDR="10.0.0.1", MASTER_PORT="6000")
     assert envs["NNODES"] == "2" and envs["NODE_RANK"] == "1" and envs["MASTER_ADDR"] == "10.0.0.1"
-    assert argv[-2:] == ["gradient_accumulation_steps=4", "model_name_or_path=/m"]  # 64 / (1 x 16 GPUs)
+    assert argv[-3:] == ["gradient_accumulation_steps=4", "model_name_or_path=/m", "template=chatml"]  # 64 / (1 x 16 GPUs)
 
-    envs, argv = dry_run("math", "swift_deepspeed", "eaft", "--", "--model", "/m", NNODES="4")
+    envs, argv = dry_run("math", "swift_deepspeed", "eaft", "--", "--model", "/m", "--template", "chatml", NNODES="4",
+                         MASTER_ADDR="10.0.0.1")
     flags = flag_dict(argv[2:])
     assert flags["gradient_accumulation_steps"] == "2" and flags["model"] == "/m"  # extra args come last
+    assert flags["template"] == "chatml"
     envs, argv = dry_run("math", "swift_deepspeed", "sft", ZERO_CONFIG="recipes/common/ds_z3_offload_config.json")
     assert flag_dict(argv[2:])["deepspeed"] == "recipes/common/ds_z3_offload_config.json"
 
-    envs, argv = dry_run("agent", "swift_megatron", "eaft", TP="8", PP="2", NNODES="2")
+    envs, argv = dry_run("agent", "swift_megatron", "eaft", TP="8", PP="2", NNODES="2", MASTER_ADDR="10.0.0.1")
     flags = flag_dict(argv[2:])
     assert flags["tensor_model_parallel_size"] == "8" and flags["pipeline_model_parallel_size"] == "2"
     assert flags["sequence_parallel"] == "true"
@@ -569,12 +571,13 @@ def _smoke_data(domain, shared_data, data_dir: Path) -> str:
         src = shared_data / "medical" / "pubmedqa_ori_pqal.json"
         if not src.is_file():
             pytest.skip(f"SKIPPED: needs {src}")
-        medical_data.write_outputs(medical_data.load("pubmedqa", src)[:16], gen)
+        # the training name on purpose, in a scratch folder: the CLI refuses it for an evaluation set
+        medical_data.write_outputs(medical_data.load("pubmedqa", src)[:16], gen, medical_data.NAME)
         return "medical_o1_reasoning_en"
     src = shared_data / "toolcall" / "glaive_toolcall_en_demo.json"
     if not src.is_file():
         pytest.skip(f"SKIPPED: needs {src}")
-    agent_data.write_outputs(json.loads(src.read_text())[:16], gen)
+    agent_data.write_outputs(json.loads(src.read_text())[:16], gen, agent_data.NAME)
     return "glaive_toolcall_en_local"  # the Hub entry's offline twin in the same dataset_info.json
 
 

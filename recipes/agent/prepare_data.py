@@ -11,6 +11,8 @@ LLaMA-Factory reads the Hub dataset directly (recipes/agent/data/dataset_info.js
 its own roles, so this script converts each conversation:
   human -> user, gpt -> assistant, function_call -> tool_call, observation -> tool_response,
   tools (JSON string) -> tools
+Outputs are named after their source: the Hub set -> glaive_toolcall_en.{json,jsonl} (what the
+recipes train on); --input PATH -> PATH's stem (the demo file -> glaive_toolcall_en_demo.*).
   python recipes/agent/prepare_data.py                               # Hub -> recipes/agent/data/generated/
   python recipes/agent/prepare_data.py --input ../shared/data/toolcall/glaive_toolcall_en_demo.json
 """
@@ -23,7 +25,8 @@ import sys
 from pathlib import Path
 from typing import Dict, List
 
-NAME = "glaive_toolcall_en"
+NAME = "glaive_toolcall_en"  # the Hub set, and the file the recipes train on
+HUB = ("llamafactory/glaive_toolcall_en", "train")
 ROLES = {"human": "user", "gpt": "assistant", "function_call": "tool_call", "observation": "tool_response", "system": "system"}
 
 
@@ -42,14 +45,21 @@ def to_swift(row: dict) -> dict:
 
 
 def load(input_path: "Path | None") -> List[dict]:
-    if input_path is None:
-        from datasets import load_dataset
+    """The Hub split, or a local file shaped like it (a JSON list of {conversations, tools}) read
+    through the same loader."""
+    from datasets import load_dataset
 
-        return list(load_dataset("llamafactory/glaive_toolcall_en", split="train"))
-    return json.loads(Path(input_path).read_text())
+    if input_path is not None:
+        return list(load_dataset("json", data_files=str(input_path), split="train"))
+    hub_id, split = HUB
+    return list(load_dataset(hub_id, split=split))
 
 
-def write_outputs(rows: List[dict], out_dir: Path, name: str = NAME) -> Dict[str, Path]:
+def output_name(input_path: "Path | None") -> str:
+    return NAME if input_path is None else Path(input_path).stem
+
+
+def write_outputs(rows: List[dict], out_dir: Path, name: str) -> Dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     lf, sw = out_dir / f"{name}.json", out_dir / f"{name}.jsonl"
     lf.write_text(json.dumps([{"conversations": r["conversations"], "tools": r.get("tools", "")} for r in rows],
@@ -65,10 +75,10 @@ def main(argv=None) -> int:
     ap.add_argument("--input", type=Path, default=None, help="local LLaMA-Factory sharegpt tool JSON (default: the Hub set)")
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--out-dir", type=Path, default=Path("recipes/agent/data/generated"))
-    ap.add_argument("--name", default=NAME)
+    ap.add_argument("--name", default=None, help="output file name (default: after the source)")
     args = ap.parse_args(argv)
     rows = load(args.input)[: args.limit]
-    paths = write_outputs(rows, args.out_dir, args.name)
+    paths = write_outputs(rows, args.out_dir, args.name or output_name(args.input))
     print(f"{len(rows)} conversations -> {paths['llamafactory']} , {paths['swift']}")
     return 0
 

@@ -46,6 +46,15 @@ parse_launch_args() {
 
   NNODES=${NNODES:-1}
   NODE_RANK=${NODE_RANK:-0}
+  # Several nodes need node 0's address: the loopback default would leave every other node
+  # waiting for a rendezvous that never comes.
+  if [ "$NNODES" -gt 1 ]; then
+    case "${MASTER_ADDR:-}" in
+      ""|127.*|localhost|::1)
+        echo "NNODES=$NNODES needs MASTER_ADDR=<address of node 0 that the other nodes can reach> (got '${MASTER_ADDR:-}')" >&2
+        exit 2 ;;
+    esac
+  fi
   MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
   MASTER_PORT=${MASTER_PORT:-29500}
   NPROC_PER_NODE=${NPROC_PER_NODE:-8}
@@ -75,4 +84,24 @@ run_launch() {
   fi
   cd "$REPO_ROOT"
   exec env "${envs[@]}" "$@"
+}
+
+# extra_value FLAG: the value EXTRA_ARGS gives FLAG (`--flag value` or `key=value`; the last wins).
+extra_value() {
+  local flag=$1 i value=""
+  for ((i = 0; i < ${#EXTRA_ARGS[@]}; i++)); do
+    case "${EXTRA_ARGS[$i]}" in
+      "$flag") value=${EXTRA_ARGS[$((i + 1))]:-} ;;
+      "$flag"=*) value=${EXTRA_ARGS[$i]#"$flag"=} ;;
+    esac
+  done
+  echo "$value"
+}
+
+# model_field MODEL FIELD: recipes/common/models.py (template per framework, thinking, layers);
+# exits 2 with its message for a model of unknown family.
+model_field() {
+  local out
+  out=$(python3 "$REPO_ROOT/recipes/common/models.py" "$1" "$2") || exit 2
+  echo "$out"
 }

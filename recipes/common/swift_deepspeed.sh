@@ -13,6 +13,12 @@ parse_launch_args "$DOMAIN" "$@"
 ZERO_CONFIG=${ZERO_OVERRIDE:-$ZERO_CONFIG}
 
 GA=$(data_parallel_grad_accum "$WORLD_SIZE")
+# The template follows the model (-- --model X included); an explicit -- --template T wins.
+MODEL_USED=$(extra_value --model)
+MODEL_USED=${MODEL_USED:-$MODEL}
+TEMPLATE=$(extra_value --template)
+if [ -z "$TEMPLATE" ]; then TEMPLATE=$(model_field "$MODEL_USED" swift); fi
+
 run_launch NNODES="$NNODES" NODE_RANK="$NODE_RANK" MASTER_ADDR="$MASTER_ADDR" \
   MASTER_PORT="$MASTER_PORT" NPROC_PER_NODE="$NPROC_PER_NODE" -- \
   swift sft \
@@ -20,9 +26,11 @@ run_launch NNODES="$NNODES" NODE_RANK="$NODE_RANK" MASTER_ADDR="$MASTER_ADDR" \
   --use_hf true \
   --tuner_type full \
   --torch_dtype bfloat16 \
+  --template "$TEMPLATE" \
   --dataset "$SWIFT_DATASET" \
   --split_dataset_ratio 0 \
   --max_length "$MAX_LENGTH" \
+  --truncation_strategy right \
   --num_train_epochs "$EPOCHS" \
   --learning_rate "$LEARNING_RATE" \
   --lr_scheduler_type "$LR_SCHEDULER" \

@@ -22,6 +22,20 @@ data_parallel_grad_accum "$DP" >/dev/null  # fail early when the global batch do
 SEQUENCE_PARALLEL=false
 if [ "$TP" -gt 1 ]; then SEQUENCE_PARALLEL=true; fi
 
+# The template follows the model (-- --model X included); an explicit -- --template T wins.
+MODEL_USED=$(extra_value --model)
+MODEL_USED=${MODEL_USED:-$MODEL}
+TEMPLATE=$(extra_value --template)
+if [ -z "$TEMPLATE" ]; then TEMPLATE=$(model_field "$MODEL_USED" swift); fi
+# Layers that do not split evenly over PP stages (GLM-4-32B: 61) give the first stage the rest.
+PIPELINE_ARGS=()
+if [ "$PP" -gt 1 ]; then
+  N_LAYERS=$(model_field "$MODEL_USED" layers)
+  if [ -n "$N_LAYERS" ] && [ $((N_LAYERS % PP)) -ne 0 ]; then
+    PIPELINE_ARGS=(--decoder_first_pipeline_num_layers $((N_LAYERS - (PP - 1) * (N_LAYERS / PP))))
+  fi
+fi
+
 run_launch NNODES="$NNODES" NODE_RANK="$NODE_RANK" MASTER_ADDR="$MASTER_ADDR" \
   MASTER_PORT="$MASTER_PORT" NPROC_PER_NODE="$NPROC_PER_NODE" -- \
   megatron sft \
@@ -29,11 +43,14 @@ run_launch NNODES="$NNODES" NODE_RANK="$NODE_RANK" MASTER_ADDR="$MASTER_ADDR" \
   --use_hf true \
   --tuner_type full \
   --torch_dtype bfloat16 \
+  --template "$TEMPLATE" \
   --dataset "$SWIFT_DATASET" \
   --split_dataset_ratio 0 \
   --max_length "$MAX_LENGTH" \
+  --truncation_strategy right \
   --tensor_model_parallel_size "$TP" \
   --pipeline_model_parallel_size "$PP" \
+  "${PIPELINE_ARGS[@]}" \
   --sequence_parallel "$SEQUENCE_PARALLEL" \
   --micro_batch_size "$PER_DEVICE_BATCH_SIZE" \
   --global_batch_size "$GLOBAL_BATCH_SIZE" \

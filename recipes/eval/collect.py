@@ -6,6 +6,8 @@ Input: one folder per run (base, sft, eaft, ...) under RESULTS, each holding Eva
 with RUN_NAME = the folder name. Later timestamps win when a dataset was evaluated twice.
   python recipes/eval/collect.py --domain math results/math [--base base] [--metric ifeval=inst_level_strict]
 Writes RESULTS/table.md and RESULTS/table.csv (scores in percent) and prints the markdown.
+AIME24/25 scores are the mean over several samples per problem (run_eval.sh: AIME_REPEATS, EvalScope
+--repeats); the table notes how many each run had and warns below MIN_REPEATS.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ TARGETS = {
 }
 TARGET_AVG = {"math": "Math Avg.", "medical": "Medical Avg.", "agent": "Target Avg."}
 GENERAL = [("MMLU", "mmlu", None), ("IFEval", "ifeval", None), ("CLUEWSC", "general_mcq", "cluewsc")]
+# Problems per benchmark scored from repeated samples: report num / problems = samples per problem.
+REPEATED = {"aime24": 30, "aime25": 30}
+MIN_REPEATS = 8  # one sample of 30 problems at temperature 0.7 moves the score by about +-9 points
 ORDER = ["base", "sft", "sft_kl", "flow", "dft", "talr", "eaft", "eaft_hard"]
 
 # The paper's numbers (README tables of PRIS-CV/EAFT, arXiv 2601.02151), for side-by-side rows.
@@ -77,6 +82,18 @@ def read_run(run_dir: Path, metric_for: Dict[str, str]) -> Dict[Tuple[str, Optio
             for sub in cat.get("subsets", []):
                 scores[(ds, sub["name"])] = float(sub["score"])
     return scores
+
+
+def samples_per_problem(run_dir: Path) -> Dict[str, float]:
+    """{dataset: samples per problem} for REPEATED datasets (latest report wins)."""
+    out = {}
+    for path in sorted(run_dir.rglob("reports/*/*.json")):
+        report = json.loads(path.read_text())
+        ds = report["dataset_name"]
+        if ds in REPEATED:
+            num = _metric(report, None).get("num") or report.get("num") or 0
+            out[ds] = num / REPEATED[ds]
+    return out
 
 
 def _avg(values: List[Optional[float]]) -> Optional[float]:
@@ -162,6 +179,15 @@ def main(argv=None) -> int:
         print(f"warning: no run named {args.base!r} under {args.results}: deltas left empty", file=sys.stderr)
     rows = build_rows(args.domain, runs, args.base)
     md, table_csv = to_markdown(args.domain, rows, args.paper), to_csv(args.domain, rows)
+    notes = []
+    for name in runs:
+        for ds, k in samples_per_problem(args.results / name).items():
+            notes.append(f"{name} {ds}: mean of {k:g} samples per problem")
+            if k < MIN_REPEATS:
+                print(f"warning: {name} {ds} scored from {k:g} samples per problem (< {MIN_REPEATS}): "
+                      "rerun with AIME_REPEATS >= 8", file=sys.stderr)
+    if notes:
+        md += "\n" + "; ".join(notes) + ".\n"
     (args.out_md or args.results / "table.md").write_text(md)
     (args.out_csv or args.results / "table.csv").write_text(table_csv)
     print(md, end="")

@@ -4,12 +4,17 @@
 # against a vLLM OpenAI-compatible server started here.
 #   bash recipes/eval/run_eval.sh DOMAIN RUN_NAME MODEL_PATH [--dry-run]
 #   e.g. bash recipes/eval/run_eval.sh math base Qwen/Qwen3-4B-Instruct-2507
-#        bash recipes/eval/run_eval.sh math eaft saves/llamafactory/math/eaft
+#        bash recipes/eval/run_eval.sh math eaft saves/llamafactory/math/eaft              # LLaMA-Factory: final model
+#        bash recipes/eval/run_eval.sh math eaft saves/swift/math/eaft/checkpoint-N       # ms-swift: one checkpoint-N
+#        bash recipes/eval/run_eval.sh math eaft saves/megatron/math/eaft/checkpoint-N    # Megatron (safetensors)
 # Results: results/DOMAIN/RUN_NAME/<timestamp>/reports/RUN_NAME/<dataset>.json (EvalScope's layout);
 # then: python recipes/eval/collect.py --domain DOMAIN results/DOMAIN
-# Needs: pip install 'evalscope[app]' vllm  (bfcl_v3 also needs: pip install bfcl-eval)
+# Needs: pip install -r recipes/eval/requirements.txt   (pinned EvalScope range, bfcl-eval, vllm)
 #        python recipes/eval/prepare_custom.py   (MedQA and CLUEWSC files for EvalScope's general_mcq)
-# Env: TP (vLLM tensor parallel, default 1), PORT (8801), EVAL_BATCH (64), LIMIT (samples per subset, unset = all)
+# Thinking models (recipes/common/models.py, from MODEL_PATH's name or else BASE_MODEL, default the
+# domain's hparams.yaml model) are scored on the answer after </think> (recipes/eval/evalscope_run.py).
+# Env: TP (vLLM tensor parallel, default 1), PORT (8801), EVAL_BATCH (64), LIMIT (samples per subset, unset = all),
+#      AIME_REPEATS (samples per AIME problem, averaged; default 8), BASE_MODEL, PYTHON (python)
 set -euo pipefail
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 DOMAIN=${1:?usage: $0 DOMAIN RUN_NAME MODEL_PATH [--dry-run]}
@@ -20,6 +25,9 @@ DRY_RUN=0
 TP=${TP:-1}
 PORT=${PORT:-8801}
 EVAL_BATCH=${EVAL_BATCH:-64}
+# AIME has 30 problems: one sample at temperature 0.7 moves the score by about +-9 points.
+AIME_REPEATS=${AIME_REPEATS:-8}
+PYTHON=${PYTHON:-python}
 WORK_DIR="results/$DOMAIN/$RUN_NAME"
 CUSTOM_DIR="recipes/eval/data/custom"
 
@@ -43,10 +51,17 @@ case "$DOMAIN" in
   *) echo "DOMAIN must be one of: math medical agent (got '$DOMAIN')" >&2; exit 2 ;;
 esac
 GENERAL=(mmlu ifeval)
+if ! [[ "$AIME_REPEATS" =~ ^[1-9][0-9]*$ ]]; then echo "AIME_REPEATS must be a positive integer (got '$AIME_REPEATS')" >&2; exit 2; fi
+
+# One rule for every thinking model: the model's family (a local checkpoint: the model it was trained from).
+BASE_MODEL=${BASE_MODEL:-$(sed -n 's/^MODEL=//p' "$REPO_ROOT/recipes/$DOMAIN/hparams.sh")}
+THINKING=$(python3 "$REPO_ROOT/recipes/common/models.py" "$MODEL_PATH" thinking "$BASE_MODEL")
+RUNNER=("$PYTHON" recipes/eval/evalscope_run.py)
+if [ "$THINKING" = true ]; then RUNNER+=(--thinking); fi
 
 SERVE=(vllm serve "$MODEL_PATH" --served-model-name "$RUN_NAME" --port "$PORT"
   --tensor-parallel-size "$TP" --max-model-len "$MAX_LEN" "${SERVE_EXTRA[@]}")
-EVAL=(evalscope eval --model "$RUN_NAME" --api-url "http://127.0.0.1:$PORT/v1" --api-key EMPTY
+EVAL=("${RUNNER[@]}" eval --model "$RUN_NAME" --api-url "http://127.0.0.1:$PORT/v1" --api-key EMPTY
   --eval-type openai_api --eval-batch-size "$EVAL_BATCH" --work-dir "$WORK_DIR"
   --generation-config "$GEN")
 if [ -n "${LIMIT:-}" ]; then EVAL+=(--limit "$LIMIT"); fi
@@ -56,6 +71,12 @@ MEDQA_ARGS=$(printf '{"general_mcq": {"local_path": "%s", "subset_list": ["medqa
 CLUEWSC_ARGS=$(printf '{"general_mcq": {"local_path": "%s", "subset_list": ["cluewsc"]}}' "$CUSTOM_DIR")
 
 RUNS=()
+if [ "$DOMAIN" = math ]; then
+  # AIME: the mean over AIME_REPEATS samples per problem (EvalScope --repeats, mean aggregation); alone,
+  # so the other benchmarks are not repeated.
+  RUNS+=("$(printf '%q ' "${EVAL[@]}" --datasets aime24 aime25 --repeats "$AIME_REPEATS")")
+  TARGET=(gsm8k)
+fi
 RUNS+=("$(printf '%q ' "${EVAL[@]}" --datasets "${TARGET[@]}" "${GENERAL[@]}" --dataset-args "$DATASET_ARGS")")
 if [ "$DOMAIN" = medical ]; then
   RUNS+=("$(printf '%q ' "${EVAL[@]}" --datasets general_mcq --dataset-args "$MEDQA_ARGS")")

@@ -7,11 +7,13 @@ trained on (answers without a <think> block would teach it to skip reasoning). N
 own registration of it keeps the reasoning column, so this script joins it:
     output = "<think>\\n{Complex_CoT}\\n</think>\\n\\n{Response}"
 
-Sources:
-  medical-o1 (default)     the Hub dataset, or --input PATH to a local JSON/JSONL copy of it
+Sources (outputs are named after their source, so an evaluation set never lands in the training file):
+  medical-o1 (default)     the Hub dataset (config en, split train), or --input PATH to a local file shaped
+                           like it (the Hub's JSON list of {Question, Complex_CoT, Response})
+                           -> medical_o1_reasoning_en.{json,jsonl}, the file the recipes train on
   pubmedqa, medqa          local PubMedQA (ori_pqal.json) / MedQA (4-option JSONL) files. These are
-                           the paper's *evaluation* sets: use them only for smoke tests, never for
-                           a reported run.
+                           the paper's *evaluation* sets: smoke tests only -> pubmedqa_eval_smoke.*,
+                           medqa_eval_smoke.* (never the training name)
   python recipes/medical/prepare_data.py                          # -> recipes/medical/data/generated/
   python recipes/medical/prepare_data.py --source pubmedqa --input ../shared/data/medical/pubmedqa_ori_pqal.json
 """
@@ -24,7 +26,9 @@ import sys
 from pathlib import Path
 from typing import Dict, List
 
-NAME = "medical_o1_reasoning_en"
+NAME = "medical_o1_reasoning_en"  # the training file (recipes/medical/data/dataset_info.json)
+HUB = ("FreedomIntelligence/medical-o1-reasoning-SFT", "en", "train")
+OUTPUT_NAMES = {"medical-o1": NAME, "pubmedqa": "pubmedqa_eval_smoke", "medqa": "medqa_eval_smoke"}
 
 
 def thinking(reasoning: str, answer: str) -> str:
@@ -63,15 +67,19 @@ def from_medqa(rows) -> List[Dict[str, str]]:
     return out
 
 
+def hub_rows(data_files: "Path | None" = None):
+    """The Hub split, or a local file shaped like it read through the same loader."""
+    from datasets import load_dataset
+
+    if data_files is not None:
+        return load_dataset("json", data_files=str(data_files), split="train")
+    hub_id, config, split = HUB
+    return load_dataset(hub_id, config, split=split)
+
+
 def load(source: str, input_path: "Path | None") -> List[Dict[str, str]]:
     if source == "medical-o1":
-        if input_path is None:
-            from datasets import load_dataset
-
-            rows = load_dataset("FreedomIntelligence/medical-o1-reasoning-SFT", "en", split="train")
-        else:
-            rows = _rows(input_path)
-        return from_medical_o1(rows)
+        return from_medical_o1(hub_rows(input_path))
     if input_path is None:
         raise ValueError(f"--source {source} needs --input PATH (a local file)")
     if source == "pubmedqa":
@@ -81,7 +89,16 @@ def load(source: str, input_path: "Path | None") -> List[Dict[str, str]]:
     raise ValueError(f"--source must be one of ['medical-o1', 'pubmedqa', 'medqa'], got {source!r}")
 
 
-def write_outputs(rows: List[Dict[str, str]], out_dir: Path, name: str = NAME) -> Dict[str, Path]:
+def output_name(source: str, name: "str | None" = None) -> str:
+    """The source's own name; an evaluation source may not take the training name."""
+    if name is None:
+        return OUTPUT_NAMES[source]
+    if source != "medical-o1" and name == NAME:
+        raise ValueError(f"--source {source} is an evaluation set: it cannot be written as the training file {NAME!r}")
+    return name
+
+
+def write_outputs(rows: List[Dict[str, str]], out_dir: Path, name: str) -> Dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     lf, sw = out_dir / f"{name}.json", out_dir / f"{name}.jsonl"
     lf.write_text(json.dumps([{"instruction": r["prompt"], "input": "", "output": r["response"]} for r in rows],
@@ -99,10 +116,14 @@ def main(argv=None) -> int:
     ap.add_argument("--input", type=Path, default=None)
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--out-dir", type=Path, default=Path("recipes/medical/data/generated"))
-    ap.add_argument("--name", default=NAME)
+    ap.add_argument("--name", default=None, help=f"output file name (default: after the source, {OUTPUT_NAMES})")
     args = ap.parse_args(argv)
+    try:
+        name = output_name(args.source, args.name)
+    except ValueError as exc:
+        ap.error(str(exc))
     rows = load(args.source, args.input)[: args.limit]
-    paths = write_outputs(rows, args.out_dir, args.name)
+    paths = write_outputs(rows, args.out_dir, name)
     print(f"{len(rows)} rows -> {paths['llamafactory']} , {paths['swift']}")
     return 0
 
