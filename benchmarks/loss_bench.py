@@ -2,6 +2,7 @@
 
     python benchmarks/loss_bench.py                       # Qwen3-4B head (H=2560, V=151936), 512..4096 tokens
     python benchmarks/loss_bench.py --tokens 256 512 --hidden 512 --vocab 32000 --repeat 2   # quick
+    python benchmarks/loss_bench.py --device cuda         # GPU: 4k/16k/32k tokens, CUDA events, allocator peaks
 
 Methods ("full": from last hidden states [N, H] and the LM head [V, H], gradients for both):
   torch_ce          logits = hidden @ W.T, then transformers' causal-LM loss recipe: logits.float(),
@@ -15,6 +16,7 @@ Methods ("full": from last hidden states [N, H] and the LM head [V, H], gradient
   liger_flce        Liger's LigerFusedLinearCrossEntropyLoss, when importable (Triton: needs a GPU)
   cce_compile       cut-cross-entropy's linear_cross_entropy(impl="torch_compile") when importable
                     (its fused "cce" kernel is Triton, GPU-only; this CPU fallback materialises logits)
+  cce               cut-cross-entropy's fused Triton kernel, linear_cross_entropy(impl="cce") (GPU)
 "Loss-only" mode times the same losses on fixed logits [N, V] (a leaf): the loss's own cost.
 The EAFT losses use entropy_norm="upstream" so their loss value equals LLaMA-Factory's (checked).
 
@@ -29,6 +31,11 @@ memory as the OS sees it). Two children per case:
              This child then times `--repeat` more fwd+bwd runs (.grad reset to None before each):
              wall clock and process CPU time, best of the runs (the machine may be shared;
              with --threads 1 CPU time is robust to other jobs). The JSON keeps every run.
+
+On --device cuda one child per method runs every token count (CUDA start-up is slow, and the
+caching allocator's counters need no fresh process): after one warm-up step (Triton compiles
+and autotunes there), memory is torch.cuda.max_memory_allocated() minus what was allocated
+before the step, and time is CUDA events around fwd+bwd, the median of --repeat runs.
 """
 
 from __future__ import annotations
@@ -44,7 +51,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 FULL = ["torch_ce", "llamafactory_095", "dense_eaft", "fused_eaft", "fused_eaft_2pass", "liger_flce", "cce_compile"]
+GPU = ["torch_ce", "llamafactory_095", "dense_eaft", "fused_eaft", "liger_flce", "cce"]
 LOSS_ONLY = ["torch_ce", "llamafactory_095", "dense_eaft"]
+DEFAULT_TOKENS = {"cpu": [512, 1024, 2048, 4096], "cuda": [4096, 16384, 32768]}
 IGNORE = -100
 MB = 1 << 20
 
@@ -111,6 +120,10 @@ def _loss_fn(method: str, mode: str, args):
             return linear_cross_entropy(h, w, labels, shift=True, impl="torch_compile")
 
         return cce
+    elif method == "cce":
+        from cut_cross_entropy import linear_cross_entropy
+
+        return lambda h, w, labels: linear_cross_entropy(h, w, labels, shift=True, impl="cce")
     else:
         raise ValueError(f"unknown method {method!r}")
     if mode == "loss":
@@ -172,6 +185,85 @@ def child(args) -> dict:
     return out
 
 
+def child_cuda(args) -> None:
+    """Every token count of one method on the GPU; prints one JSON line per case as it finishes."""
+    import statistics
+
+    import torch
+
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    try:
+        fn = _loss_fn(args.method, args.mode, args)
+    except ImportError as exc:
+        for n in args.tokens:
+            print(json.dumps({"method": args.method, "mode": args.mode, "tokens": n,
+                              "skipped": f"not importable here: {exc}"}), flush=True)
+        return
+    for n in args.tokens:
+        try:
+            out = _cuda_case(fn, n, dtype, args)
+        except Exception as exc:  # e.g. out of memory: the next size may still fit
+            out = {"method": args.method, "mode": args.mode, "tokens": n, "error": f"{type(exc).__name__}: {exc}"[:300]}
+        torch.cuda.empty_cache()
+        out.update(method=args.method, mode=args.mode, tokens=n)
+        if "time_s" in out:
+            out["time_median_s"] = statistics.median(out["times_s"])
+        print(json.dumps(out), flush=True)
+
+
+def _cuda_case(fn, n, dtype, args) -> dict:
+    import torch
+
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(0)  # same inputs for every method
+    h, v = args.hidden, args.vocab
+    hidden = torch.randn(1, n, h, generator=g, device=dev).to(dtype)
+    weight = (torch.randn(v, h, generator=g, device=dev) * (2.5 / h**0.5)).to(dtype)
+    labels = torch.randint(0, v, (1, n), generator=g, device=dev)
+    if args.mode == "loss":
+        with torch.no_grad():
+            leaves = [torch.nn.functional.linear(hidden, weight)]
+        del hidden, weight
+    else:
+        leaves = [hidden, weight]
+
+    def step():
+        for x in leaves:
+            x.grad = None
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        loss = fn(*leaves, labels)
+        loss.backward()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1000, float(loss.detach())
+
+    def peak_of_one_step():
+        for x in leaves:
+            x.grad = None
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        seconds, value = step()
+        grad_bytes = sum(x.grad.numel() * x.grad.element_size() for x in leaves if x.grad is not None)
+        return (torch.cuda.max_memory_allocated() - base) / MB, grad_bytes / MB, seconds, value
+
+    out = {}
+    # workspace: LM head frozen (d hidden, or d logits, subtracted); total: every gradient, then timing.
+    for measure, trainable in (("workspace", leaves[:1]), ("total", leaves)):
+        for x in leaves:
+            x.requires_grad_(any(x is t for t in trainable))
+        step()  # warm-up: Triton compiles and autotunes here, outside the measurement
+        peak, grad_mb, cold, value = peak_of_one_step()
+        if measure == "workspace":
+            out["workspace_mb"] = peak - grad_mb
+        else:
+            runs = [step() for _ in range(max(args.repeat, 1))]
+            out.update(peak_extra_mb=peak, grad_mb=grad_mb, loss=value, cold_s=cold,
+                       times_s=[r[0] for r in runs], time_s=min(r[0] for r in runs))
+    return out
+
+
 # ----------------------------------------------------------------------------- parent side
 def mem_available() -> int:
     with open("/proc/meminfo") as f:
@@ -181,16 +273,34 @@ def mem_available() -> int:
     return 0
 
 
+def _child_cmd(method: str, mode: str, tokens, args, measure="total") -> list:
+    return [sys.executable, __file__, "--child", "--device", args.device, "--method", method, "--mode", mode,
+            "--tokens", *map(str, tokens), "--hidden", str(args.hidden), "--vocab", str(args.vocab),
+            "--repeat", str(args.repeat), "--dtype", args.dtype, "--measure", measure, "--threads", str(args.threads),
+            "--chunk", str(args.chunk)]
+
+
+# EAFT_PLUGINS_DISABLE: import LLaMA-Factory's own eaft_loss_func, untouched by our integration.
+CHILD_ENV = dict(os.environ, PYTHONUNBUFFERED="1", EAFT_PLUGINS_DISABLE="1")
+
+
+def run_cuda_method(method: str, mode: str, args) -> list:
+    """One child for every token count of `method` (see child_cuda)."""
+    proc = subprocess.run(_child_cmd(method, mode, sorted(args.tokens), args), capture_output=True, text=True,
+                          env=CHILD_ENV)
+    results = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    done = {r["tokens"] for r in results}
+    err = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}, no output"])[-1]
+    return results + [{"method": method, "mode": mode, "tokens": n, "error": err[:300]}
+                      for n in sorted(args.tokens) if n not in done]
+
+
 def run_case(method: str, mode: str, tokens: int, args) -> dict:
     """Two fresh children: workspace (frozen LM head / logits-only grads) and total (+ timing)."""
     merged = {}
     for measure in ("workspace", "total"):
-        cmd = [sys.executable, __file__, "--child", "--method", method, "--mode", mode, "--tokens", str(tokens),
-               "--hidden", str(args.hidden), "--vocab", str(args.vocab), "--repeat", str(args.repeat),
-               "--dtype", args.dtype, "--measure", measure, "--threads", str(args.threads), "--chunk", str(args.chunk)]
-        # EAFT_PLUGINS_DISABLE: import LLaMA-Factory's own eaft_loss_func, untouched by our integration.
-        env = dict(os.environ, PYTHONUNBUFFERED="1", EAFT_PLUGINS_DISABLE="1")
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        cmd = _child_cmd(method, mode, [tokens], args, measure)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=CHILD_ENV)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
         if proc.returncode != 0 or not lines:
             err = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}, no output"])[-1]
@@ -204,7 +314,7 @@ def run_case(method: str, mode: str, tokens: int, args) -> dict:
     return merged
 
 
-def machine() -> dict:
+def machine(device: str = "cpu") -> dict:
     model = "unknown"
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
@@ -215,15 +325,27 @@ def machine() -> dict:
         pass
     import torch
 
-    return {"cpu": model, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+    info = {"cpu": model, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
             "mem_total_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)}
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        info.update(gpu=props.name, gpu_mem_gb=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda)
+    return info
 
 
 def parent(args) -> None:
     results = []
     plan = [("full", m) for m in args.methods] + ([("loss", m) for m in LOSS_ONLY if m in args.methods] if args.loss_only else [])
+    config = {k: v for k, v in vars(args).items() if k not in ("child", "method", "mode")}
+    report = {"config": config, "machine": machine(args.device), "results": results}
     last = {}
     for mode, method in plan:
+        if args.device == "cuda":
+            for res in run_cuda_method(method, mode, args):
+                results.append(res)
+                print(json.dumps(res), flush=True)
+            write_json(report, args.json)  # after each method: a run cut short keeps what it measured
+            continue
         for n in sorted(args.tokens):
             key = (mode, method)
             if key in last and "error" not in last[key] and "skipped" not in last[key]:
@@ -241,13 +363,16 @@ def parent(args) -> None:
             last[key] = res
             results.append(res)
             print(json.dumps(res), flush=True)
-    config = {k: v for k, v in vars(args).items() if k not in ("child", "method", "mode")}
-    report = {"config": config, "machine": machine(), "results": results}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(report, indent=1))
+            write_json(report, args.json)
+    write_json(report, args.json)
     print(markdown(report))
     if args.plot:
         plot(report, args.plot)
+
+
+def write_json(report, path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(report, indent=1))
 
 
 def _get(results, mode, method, n):
@@ -257,31 +382,49 @@ def _get(results, mode, method, n):
     return None
 
 
+def _time(r) -> float:
+    """The time the ratios use: process CPU time on the CPU, CUDA-event median on the GPU."""
+    return r["cpu_time_s"] if "cpu_time_s" in r else r.get("time_median_s", r["time_s"])
+
+
 def markdown(report) -> str:
-    res, cfg = report["results"], report["config"]
-    lines = [f"Machine: {report['machine']['cpu']}, {report['machine']['cores']} cores, torch {report['machine']['torch']}; "
-             f"H={cfg['hidden']}, V={cfg['vocab']}, {cfg['dtype']}, {cfg['threads'] or 'default'} thread(s), "
-             f"best of {cfg['repeat']} runs.", ""]
+    res, cfg, mach = report["results"], report["config"], report["machine"]
+    gpu = cfg.get("device", "cpu") == "cuda"
+    if gpu:
+        head = f"Machine: {mach.get('gpu')}, CUDA {mach.get('cuda')}, torch {mach['torch']}; "
+        rest = f"H={cfg['hidden']}, V={cfg['vocab']}, {cfg['dtype']}, median of {cfg['repeat']} runs (CUDA events)."
+        time_cols = [("torch_ce", "x torch_ce"), ("llamafactory_095", "x LF 0.9.5"), ("liger_flce", "x Liger")]
+        mem_cols = [("llamafactory_095", "workspace x LF"), ("liger_flce", "workspace x Liger")]
+        first = "| method | tokens | ms |"
+    else:
+        head = f"Machine: {mach['cpu']}, {mach['cores']} cores, torch {mach['torch']}; "
+        rest = (f"H={cfg['hidden']}, V={cfg['vocab']}, {cfg['dtype']}, {cfg['threads'] or 'default'} thread(s), "
+                f"best of {cfg['repeat']} runs.")
+        time_cols = [("torch_ce", "cpu x torch_ce"), ("llamafactory_095", "cpu x LF 0.9.5")]
+        mem_cols = [("llamafactory_095", "workspace x LF")]
+        first = "| method | tokens | wall s | cpu s |"
+    ratio = lambda a, b: f"{a / b:.2f}" if b else "-"  # noqa: E731
+    lines = [head + rest, ""]
     for mode, title in (("full", "LM head + loss, fwd+bwd"), ("loss", "loss only, on fixed logits, fwd+bwd")):
         rows = [r for r in res if r["mode"] == mode]
         if not rows:
             continue
-        lines += [f"### {title}", "",
-                  "| method | tokens | wall s | cpu s | cpu x torch_ce | cpu x LF 0.9.5 | peak extra MB (all grads) "
-                  "| workspace MB | workspace x LF | loss |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        header = (first + "".join(f" {c} |" for _, c in time_cols) + " peak extra MB (all grads) | workspace MB |"
+                  + "".join(f" {c} |" for _, c in mem_cols) + " loss |")
+        width = header.count("|") - 1
+        lines += [f"### {title}", "", header, "|---|" + "---:|" * (width - 1)]
         for r in rows:
             if "time_s" not in r:
-                lines.append(f"| {r['method']} | {r['tokens']} | {r.get('error') or r.get('skipped')} |||||||| ")
+                lines.append(f"| {r['method']} | {r['tokens']} | {r.get('error') or r.get('skipped')} |" + "|" * (width - 3) + " ")
                 continue
-            ce, lf = _get(res, mode, "torch_ce", r["tokens"]), _get(res, mode, "llamafactory_095", r["tokens"])
-            ratio = lambda a, b: f"{a / b:.2f}" if b else "-"  # noqa: E731
-            lines.append(
-                f"| {r['method']} | {r['tokens']} | {r['time_s']:.2f} | {r['cpu_time_s']:.2f} "
-                f"| {ratio(r['cpu_time_s'], ce and ce['cpu_time_s'])} | {ratio(r['cpu_time_s'], lf and lf['cpu_time_s'])} "
-                f"| {r['peak_extra_mb']:.0f} | {r['workspace_mb']:.0f} "
-                f"| {ratio(max(r['workspace_mb'], 0.0), lf and lf['workspace_mb'])} | {r['loss']:.4f} |"
-            )
+            base = {m: _get(res, mode, m, r["tokens"]) for m, _ in time_cols + mem_cols}
+            t = _time(r)
+            cells = [f"{t * 1000:.1f}"] if gpu else [f"{r['time_s']:.2f}", f"{r['cpu_time_s']:.2f}"]
+            cells += [ratio(t, base[m] and _time(base[m])) for m, _ in time_cols]
+            cells += [f"{r['peak_extra_mb']:.0f}", f"{r['workspace_mb']:.0f}"]
+            cells += [ratio(max(r["workspace_mb"], 0.0), base[m] and base[m]["workspace_mb"]) for m, _ in mem_cols]
+            cells.append(f"{r['loss']:.4f}")
+            lines.append(f"| {r['method']} | {r['tokens']} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -298,12 +441,15 @@ def plot(report, path) -> None:
         rows = sorted((r for r in res if r["method"] == method), key=lambda r: r["tokens"])
         n = [r["tokens"] for r in rows]
         ax_m.plot(n, [r["workspace_mb"] for r in rows], marker="o", label=method)
-        ax_t.plot(n, [r["cpu_time_s"] for r in rows], marker="o", label=method)
+        ax_t.plot(n, [_time(r) for r in rows], marker="o", label=method)
     cfg = report["config"]
-    ax_m.set(xlabel="tokens", ylabel="workspace MB (peak RSS - inputs - d hidden)", xscale="log", yscale="log",
+    gpu = cfg.get("device", "cpu") == "cuda"
+    ax_m.set(xlabel="tokens", ylabel=f"workspace MB (peak {'allocated' if gpu else 'RSS'} - inputs - d hidden)",
+             xscale="log", yscale="log",
              title=f"loss memory (LM head frozen), H={cfg['hidden']} V={cfg['vocab']} {cfg['dtype']}")
-    ax_t.set(xlabel="tokens", ylabel="fwd+bwd CPU seconds (best run)", xscale="log", yscale="log",
-             title=f"LM head + loss time, {report['machine']['cpu']}, {cfg['threads'] or 'all'} thread(s)")
+    where = report["machine"].get("gpu") if gpu else f"{report['machine']['cpu']}, {cfg['threads'] or 'all'} thread(s)"
+    ax_t.set(xlabel="tokens", ylabel=f"fwd+bwd {'GPU seconds (median)' if gpu else 'CPU seconds (best run)'}",
+             xscale="log", yscale="log", title=f"LM head + loss time, {where}")
     ticks = sorted({r["tokens"] for r in res})
     for ax in (ax_m, ax_t):
         ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(ticks))
@@ -320,28 +466,37 @@ def plot(report, path) -> None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--tokens", type=int, nargs="+", default=[512, 1024, 2048, 4096])
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--tokens", type=int, nargs="+", help="default: 512..4096 on cpu, 4096 16384 32768 on cuda")
     p.add_argument("--hidden", type=int, default=2560)
     p.add_argument("--vocab", type=int, default=151936)
     p.add_argument("--repeat", type=int, default=2, help="timed runs after the measured first run")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
-    p.add_argument("--methods", nargs="+", default=FULL, choices=FULL)
+    p.add_argument("--methods", nargs="+", choices=FULL + ["cce"], help=f"default: {FULL} on cpu, {GPU} on cuda")
     p.add_argument("--no-loss-only", dest="loss_only", action="store_false", help="skip the fixed-logits runs")
     p.add_argument("--threads", type=int, default=1, help="torch threads in each child (0: torch's default)")
     p.add_argument("--chunk", type=int, default=0, help="fused op's tokens per chunk (0: its default)")
-    p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "loss_bench.json"))
-    p.add_argument("--plot", default=str(ROOT / "docs" / "img" / "perf_loss.png"), help="PNG path ('' for none)")
+    p.add_argument("--json", help="default: benchmarks/results/loss_bench[_cuda].json")
+    p.add_argument("--plot", help="PNG path ('' for none; default docs/img/perf_loss[_cuda].png)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--method", help=argparse.SUPPRESS)
     p.add_argument("--mode", default="full", help=argparse.SUPPRESS)
     p.add_argument("--measure", default="total", help=argparse.SUPPRESS)
     p.add_argument("--replot", metavar="JSON", help="only redraw table and plot from a saved JSON report")
     args = p.parse_args(argv)
+    gpu = args.device == "cuda"
+    args.tokens = args.tokens or DEFAULT_TOKENS[args.device]
+    args.methods = args.methods or (GPU if gpu else FULL)
+    suffix = "_cuda" if gpu else ""
+    args.json = args.json or str(ROOT / "benchmarks" / "results" / f"loss_bench{suffix}.json")
+    args.plot = str(ROOT / "docs" / "img" / f"perf_loss{suffix}.png") if args.plot is None else args.plot
     if args.replot:
         report = json.loads(Path(args.replot).read_text())
         print(markdown(report))
         if args.plot:
             plot(report, args.plot)
+    elif args.child and gpu:
+        child_cuda(args)
     elif args.child:
         print(json.dumps(child(args)), flush=True)
     else:

@@ -28,3 +28,18 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"SKIPPED: needs the shared data folder {SHARED_DATA} (absent on a fresh clone; set EAFT_SHARED_DATA)")
     return SHARED_DATA
+
+
+def pytest_addoption(parser):
+    parser.addoption("--device", default=None,
+                     help="device of the op tests (cpu, cuda); default $EAFT_TEST_DEVICE or cpu (tests/reference.py)")
+
+
+def pytest_configure(config):
+    # Before test modules are imported: tests/reference.py reads the device from the environment.
+    if config.getoption("device"):
+        os.environ["EAFT_TEST_DEVICE"] = config.getoption("device")
+
+
+def pytest_report_header(config):
+    return f"EAFT op tests on device: {os.environ.get('EAFT_TEST_DEVICE') or 'cpu'}"

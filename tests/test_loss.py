@@ -1,4 +1,4 @@
-"""The dense EAFT core against a plain per-token reference written here."""
+"""The dense EAFT core against the float64 per-token reference (tests/reference.py), on the test device."""
 
 import math
 
@@ -10,50 +10,22 @@ from hypothesis import strategies as st
 
 from eaft_plugins import EAFTOptions, eaft_loss
 from eaft_plugins.loss import token_scores
+from reference import DEVICE, DTYPES, IGNORE, reference_loss, to_device, tol
 
-IGNORE = -100
 
-
-def reference(logits, labels, *, topk=20, alpha=1.0, entropy_norm="ln_k", gate="soft", h_min=0.15, p_min=0.1,
-              num_items=None, shift=True):
-    """sum_t w_t * ce_t / N, one token at a time, in float64."""
-    logits = logits.detach().double()
-    vocab = logits.shape[-1]
-    flat_logits = logits.reshape(-1, logits.shape[-2], vocab) if logits.dim() > 1 else logits
-    flat_labels = labels.reshape(-1, labels.shape[-1])
-    total, count = 0.0, 0
-    for b in range(flat_labels.shape[0]):
-        steps = flat_labels.shape[1] - 1 if shift else flat_labels.shape[1]
-        for t in range(steps):
-            label = int(flat_labels[b, t + 1 if shift else t])
-            if label == IGNORE:
-                continue
-            row = flat_logits[b, t]
-            ce = -torch.log_softmax(row, -1)[label].item()
-            k = vocab if topk is None else topk
-            vals = sorted(row.tolist(), reverse=True)[:k]
-            m = max(vals)
-            exps = [math.exp(v - m) for v in vals]
-            z = sum(exps)
-            h = -sum((e / z) * math.log(e / z) for e in exps if e > 0)
-            div = {"ln_k": math.log(k), "upstream": 3.0, "none": 1.0}[entropy_norm]
-            h_norm = h / div
-            if gate == "hard":
-                w = 0.0 if (h_norm < h_min and math.exp(-ce) < p_min) else 1.0
-            else:
-                w = h_norm ** alpha
-            total += w * ce
-            count += 1
-    n = num_items if num_items is not None else max(count, 1)
-    return total / n, count
+def reference(logits, labels, **kwargs):
+    """(loss, count) of the shared float64 reference."""
+    loss, _, count = reference_loss(logits, labels, **kwargs)
+    return loss, count
 
 
 def make_batch(b=2, t=9, v=40, masked=3, seed=0, dtype=torch.float32, scale=3.0):
+    """Drawn on the CPU (the same values on every device), then cast and moved to DEVICE."""
     g = torch.Generator().manual_seed(seed)
-    logits = (torch.randn(b, t, v, generator=g) * scale).to(dtype)
+    logits = torch.randn(b, t, v, generator=g) * scale
     labels = torch.randint(0, v, (b, t), generator=g)
     labels[:, :masked] = IGNORE
-    return logits, labels
+    return to_device(logits, labels, dtype=dtype)
 
 
 OPTION_CASES = [
@@ -68,24 +40,32 @@ OPTION_CASES = [
 ]
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("opts", OPTION_CASES)
-def test_dense_matches_reference(opts):
-    logits, labels = make_batch()
-    out = eaft_loss(logits, labels, **opts)
-    want, count = reference(logits, labels, **opts)
+def test_dense_matches_reference(opts, dtype):
+    logits, labels = make_batch(dtype=dtype)
+    x = logits.clone().requires_grad_()
+    out = eaft_loss(x, labels, **opts)
+    out.loss.backward()
+    want, grad, count = reference_loss(logits, labels, **opts)
+    # bf16 logits are upcast exactly: the loss is as close as in fp32, only the gradient is rounded.
     assert out.loss.item() == pytest.approx(want, rel=1e-5, abs=1e-6)
     assert int(out.stats.tokens) == count
+    assert x.grad.dtype == dtype
+    torch.testing.assert_close(x.grad.cpu().double(), grad, **tol(dtype, 1e-4, 1e-6))
 
 
-def test_num_items_in_batch_divides_the_sum():
-    logits, labels = make_batch()
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_num_items_in_batch_divides_the_sum(dtype):
+    logits, labels = make_batch(dtype=dtype)
     out = eaft_loss(logits, labels, num_items_in_batch=torch.tensor(50))
     want, _ = reference(logits, labels, num_items=50)
     assert out.loss.item() == pytest.approx(want, rel=1e-5)
 
 
-def test_unshifted_labels():
-    logits, labels = make_batch()
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_unshifted_labels(dtype):
+    logits, labels = make_batch(dtype=dtype)
     out = eaft_loss(logits, labels, shift=False)
     want, _ = reference(logits, labels, shift=False)
     assert out.loss.item() == pytest.approx(want, rel=1e-5)
@@ -125,7 +105,7 @@ def test_gradient_is_weighted_ce_gradient_with_detached_weight():
     n = scores.index.numel()
 
     # Frozen-weight loss: the same op with alpha=0 (weight 1) and the weights as token_scale.
-    frozen = torch.zeros(labels.shape, dtype=torch.float64)
+    frozen = torch.zeros(labels.shape, dtype=torch.float64, device=DEVICE)
     pos = scores.index  # rows of the shifted labels; token_scale is shifted like labels
     shifted_pos = torch.stack([pos // labels.shape[1], pos % labels.shape[1] + 1])
     frozen[shifted_pos[0], shifted_pos[1]] = scores.weight
@@ -209,7 +189,7 @@ def test_stats_match_reference_quantities():
     out = eaft_loss(logits, labels, options=opts)
     sc = token_scores(logits, labels, options=opts)
     ce_ref = torch.nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, 40).double(), labels[:, 1:].reshape(-1), ignore_index=IGNORE
+        logits[:, :-1].reshape(-1, 40).cpu().double(), labels[:, 1:].reshape(-1).cpu(), ignore_index=IGNORE
     )
     m = out.stats.means()
     assert m["eaft/ce"] == pytest.approx(ce_ref.item(), rel=1e-5)
@@ -263,7 +243,7 @@ def test_weight_norm_with_given_mean_is_split_invariant():
 
 def test_token_scale_multiplies_each_token():
     logits, labels = make_batch()
-    scale = torch.ones(labels.shape)
+    scale = torch.ones(labels.shape, device=DEVICE)
     scale[0, 5] = 3.0  # label position 5 is scored by logits at position 4
     base = token_scores(logits, labels)
     out = eaft_loss(logits, labels, token_scale=scale)
@@ -279,7 +259,7 @@ def test_upstream_norm_matches_llamafactory_095():
     if not hasattr(trainer_utils, "eaft_loss_func"):
         pytest.skip("SKIPPED: installed llamafactory has no eaft_loss_func (needs 0.9.5)")
     logits, labels = make_batch(v=64)
-    theirs = trainer_utils.eaft_loss_func({"logits": logits}, labels)
+    theirs = trainer_utils.eaft_loss_func({"logits": logits}, labels)  # on the test device too
     ours = eaft_loss(logits, labels, entropy_norm="upstream").loss
     assert ours.item() == pytest.approx(theirs.item(), rel=1e-5)
 
@@ -381,6 +361,7 @@ def test_property_dense_equals_reference(b, t, v, topk, alpha, seed, chunk):
     logits = torch.randn(b, t, v, generator=g) * 4
     labels = torch.randint(0, v, (b, t), generator=g)
     labels[torch.rand(b, t, generator=g) < 0.3] = IGNORE
+    logits, labels = to_device(logits, labels)
     out = eaft_loss(logits, labels, topk=topk, alpha=alpha, chunk_size=chunk)
     want, count = reference(logits, labels, topk=topk, alpha=alpha)
     assert out.loss.item() == pytest.approx(want, rel=1e-4, abs=1e-6)

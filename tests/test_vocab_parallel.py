@@ -2,6 +2,7 @@
 
 One spawn per world size runs every case; each rank writes its outputs to a file, and the
 parent compares them with `eaft_loss` on the concatenated logits (values, stats, gradients).
+Those runs stay on the CPU; the single-rank op runs on the test device against the float64 reference.
 """
 
 import os
@@ -13,9 +14,10 @@ import torch.multiprocessing as mp
 
 from eaft_plugins import eaft_loss
 from eaft_plugins.loss import token_scores
+from reference import DTYPES, IGNORE, cpu_only, reference_loss, to_device, tol
 
 pytestmark = pytest.mark.dist
-IGNORE = -100
+GLOO = cpu_only("2 and 4 gloo processes on CPU tensors: the device machine has one GPU, NCCL needs one per rank")
 
 
 def _batch(v, rows=13, masked=4, seed=0, scale=3.0, dtype=torch.float32):
@@ -182,6 +184,7 @@ VALUE_CASES = [
 ]
 
 
+@GLOO
 @pytest.mark.parametrize("name", VALUE_CASES)
 def test_matches_single_process_core(runs, name):
     world, cases, results = runs
@@ -198,6 +201,7 @@ def test_matches_single_process_core(runs, name):
         torch.testing.assert_close(res["grad"].float(), ref_shard.float(), **tol)
 
 
+@GLOO
 def test_cases_are_not_trivial(runs):
     """The comparisons above exercise real weights: gates fire, shards miss labels, masks empty."""
     world, cases, results = runs
@@ -211,6 +215,7 @@ def test_cases_are_not_trivial(runs):
     assert results[0]["shuffle_gate"]["loss"] != results[0]["default"]["loss"]
 
 
+@GLOO
 @pytest.mark.parametrize("name", ["error_label", "error_nan", "error_option", "error_topk_vs_vocab"])
 def test_errors_on_every_rank(runs, name):
     world, cases, results = runs
@@ -220,6 +225,7 @@ def test_errors_on_every_rank(runs, name):
         assert expected in res.get("error", ""), res
 
 
+@GLOO
 def test_bytes_per_token_do_not_grow_with_vocab(runs):
     """Same rows, 10x the vocabulary: the collectives carry the same number of bytes (O(K*tp))."""
     world, cases, results = runs
@@ -232,10 +238,30 @@ def test_bytes_per_token_do_not_grow_with_vocab(runs):
     assert small <= supervised * per_token + 2 * 8 * world
 
 
+SINGLE_RANK_CASES = [{}, {"topk": None}, {"alpha": 0.5, "entropy_norm": "upstream"}, {"gate": "hard", "h_min": 0.5},
+                     {"weight_norm": "mean", "num_items": 17}]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", SINGLE_RANK_CASES)
+def test_single_rank_matches_float64_reference(case, dtype):
+    from eaft_plugins.vocab_parallel import vocab_parallel_eaft_loss
+
+    logits, labels = to_device(*_batch(44, scale=6.0), dtype=dtype)
+    x = logits.clone().requires_grad_(True)
+    kwargs = {("num_items_in_batch" if k == "num_items" else k): v for k, v in case.items()}
+    out = vocab_parallel_eaft_loss(x, labels, **kwargs)
+    out.loss.backward()
+    want, grad, count = reference_loss(logits, labels, shift=False, **case)
+    assert out.loss.item() == pytest.approx(want, rel=1e-5, abs=1e-6)  # bf16 logits are upcast exactly
+    assert int(out.stats.tokens) == count
+    torch.testing.assert_close(x.grad.cpu().double(), grad, **tol(dtype, 1e-4, 1e-6))
+
+
 def test_single_process_without_distributed_equals_core():
     from eaft_plugins.vocab_parallel import vocab_parallel_eaft_loss
 
-    logits, labels = _batch(44)
+    logits, labels = to_device(*_batch(44))
     a = logits.clone().requires_grad_(True)
     b = logits.clone().requires_grad_(True)
     out = vocab_parallel_eaft_loss(a, labels)
@@ -265,7 +291,7 @@ class _LargestFp32(torch.utils._python_dispatch.TorchDispatchMode):
 def test_no_full_fp32_copy_of_bf16_logits(topk):
     from eaft_plugins.vocab_parallel import vocab_parallel_eaft_loss
 
-    logits, labels = _batch(500, rows=256, masked=5, dtype=torch.bfloat16)
+    logits, labels = to_device(*_batch(500, rows=256, masked=5, dtype=torch.bfloat16))
     x = logits.clone().requires_grad_(True)
     mode = _LargestFp32()
     with mode:

@@ -1,0 +1,110 @@
+"""What the op tests share: the device switch, dtypes, tolerances and one float64 reference.
+
+The device comes from `pytest --device cuda` (conftest.py sets EAFT_TEST_DEVICE) or from
+EAFT_TEST_DEVICE itself; default cpu. Inputs are drawn on the CPU (the same values on every
+device), cast, then moved; the reference always runs on the CPU in float64.
+"""
+
+import math
+import os
+
+import pytest
+import torch
+
+IGNORE = -100
+DEVICE = torch.device(os.environ.get("EAFT_TEST_DEVICE") or "cpu")
+ON_CPU = DEVICE.type == "cpu"
+# CPU keeps its fp32 runs (half types have their own tests there); on a GPU bf16 is how models train.
+DTYPES = [torch.float32] if ON_CPU else [torch.float32, torch.bfloat16]
+
+
+def cpu_only(reason: str):
+    """Marks a test that cannot run on the test device; the reason is printed with -ra."""
+    return pytest.mark.skipif(not ON_CPU, reason=f"CPU-ONLY, not run on {DEVICE}: {reason}")
+
+
+def to_device(*tensors, dtype=None):
+    """Each tensor on DEVICE, floating ones cast to `dtype` when given; None stays None."""
+    out = []
+    for t in tensors:
+        if t is not None:
+            t = t.to(DEVICE, dtype if dtype is not None and t.is_floating_point() else t.dtype)
+        out.append(t)
+    return out if len(out) != 1 else out[0]
+
+
+def tol(dtype, rtol, atol=0.0):
+    """The given (fp32) tolerance; looser for half types: one bf16 rounding is 2**-8 = 4e-3."""
+    if dtype in (torch.bfloat16, torch.float16):
+        return dict(rtol=max(rtol, 2e-2), atol=max(atol, 5e-3))
+    return dict(rtol=rtol, atol=atol)
+
+
+def approx(value, dtype, rel, abs=0.0):
+    t = tol(dtype, rel, abs)
+    return pytest.approx(value, rel=t["rtol"], abs=t["atol"])
+
+
+def reference_loss(logits, labels, *, topk=20, alpha=1.0, entropy_norm="ln_k", gate="soft", h_min=0.15, p_min=0.1,
+                   num_items=None, shift=True, weight_norm="none", mean_weight=None, token_scale=None):
+    """sum_t w_t * ce_t / N, one token at a time in float64 on the CPU.
+
+    Returns (loss, d loss / d logits [same shape, float64], supervised token count); the
+    weight is a constant in the gradient, as EAFT detaches it.
+    """
+    z = logits.detach().cpu().double()
+    vocab = z.shape[-1]
+    steps_len = labels.shape[-1]
+    rows = z.reshape(-1, steps_len, vocab)
+    ys = labels.cpu().reshape(-1, steps_len)
+    scale = None if token_scale is None else token_scale.detach().cpu().double().reshape(-1, steps_len)
+    toks = []  # (b, t, label, ce, h_norm, softmax)
+    for b in range(ys.shape[0]):
+        for t in range(steps_len - 1 if shift else steps_len):
+            label = int(ys[b, t + 1 if shift else t])
+            if label == IGNORE:
+                continue
+            row = rows[b, t]
+            probs = torch.softmax(row, -1)
+            ce = -math.log(probs[label].item())
+            k = vocab if topk is None else topk
+            vals = sorted(row.tolist(), reverse=True)[:k]
+            exps = [math.exp(v - vals[0]) for v in vals]
+            total = sum(exps)
+            ent = -sum((e / total) * math.log(e / total) for e in exps if e > 0)
+            h_norm = ent / {"ln_k": math.log(k), "upstream": 3.0, "none": 1.0}[entropy_norm]
+            toks.append((b, t, label, ce, h_norm, probs))
+    if gate == "hard":
+        ws = [0.0 if (h < h_min and math.exp(-ce) < p_min) else 1.0 for (_, _, _, ce, h, _) in toks]
+    else:
+        ws = [h**alpha for (_, _, _, _, h, _) in toks]
+    if weight_norm == "mean" and toks:
+        denom = mean_weight if mean_weight is not None else sum(ws) / len(ws)
+        ws = [w / denom for w in ws] if denom > 0 else ws
+    n = num_items if num_items is not None else max(len(toks), 1)
+    loss, grad = 0.0, torch.zeros_like(rows)
+    for (b, t, label, ce, _, probs), w in zip(toks, ws):
+        if scale is not None:
+            w = w * float(scale[b, t + 1 if shift else t])
+        loss += w * ce / n
+        dz = probs.clone()
+        dz[label] -= 1.0
+        grad[b, t] = dz * (w / n)
+    return loss, grad.reshape(z.shape), len(toks)
+
+
+def reference_linear(hidden, weight, bias, labels, **kwargs):
+    """reference_loss of hidden @ weight.T + bias: (loss, d hidden, d weight, d bias, count).
+
+    For half-type inputs the float64 logits are rounded to that type first, as the op's
+    (and the model's) matmul output is; the rest stays float64.
+    """
+    h, w = hidden.detach().cpu().double(), weight.detach().cpu().double()
+    b = torch.zeros(w.shape[0], dtype=torch.float64) if bias is None else bias.detach().cpu().double()
+    logits = h @ w.T + b
+    mm_dtype = torch.promote_types(hidden.dtype, weight.dtype)
+    if mm_dtype in (torch.bfloat16, torch.float16):
+        logits = logits.to(mm_dtype).double()
+    loss, dz, count = reference_loss(logits, labels, **kwargs)
+    flat_dz, flat_h = dz.reshape(-1, w.shape[0]), h.reshape(-1, w.shape[1])
+    return loss, (flat_dz @ w).reshape(h.shape), flat_dz.T @ flat_h, flat_dz.sum(0), count
