@@ -40,11 +40,6 @@ def tol(dtype, rtol, atol=0.0):
     return dict(rtol=rtol, atol=atol)
 
 
-def approx(value, dtype, rel, abs=0.0):
-    t = tol(dtype, rel, abs)
-    return pytest.approx(value, rel=t["rtol"], abs=t["atol"])
-
-
 def reference_loss(logits, labels, *, topk=20, alpha=1.0, entropy_norm="ln_k", gate="soft", h_min=0.15, p_min=0.1,
                    num_items=None, shift=True, weight_norm="none", mean_weight=None, token_scale=None):
     """sum_t w_t * ce_t / N, one token at a time in float64 on the CPU.

@@ -134,7 +134,7 @@ def test_mean_weight_callable_and_shift_labels_kwarg():
     got = handle.model(input_ids=ids, labels=labels).loss
     want = eaft_loss(model(input_ids=ids).logits, labels, weight_norm="mean", mean_weight=0.25).loss
     assert got.item() == pytest.approx(want.item(), rel=1e-5)
-    shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE)  # on DEVICE, like labels
+    shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE)
     again = handle.model(input_ids=ids, shift_labels=shifted).loss
     assert again.item() == pytest.approx(want.item(), rel=1e-5)
 
