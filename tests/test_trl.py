@@ -71,6 +71,14 @@ def _trainer(model_dir, out, rows, model=None, **kw):
                       eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None)
 
 
+CHATML_GENERATION = (
+    "{% for message in messages %}{% if message['role'] == 'assistant' %}{{ '<|im_start|>assistant\\n' }}"
+    "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}"
+    "{% else %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
 def _reference(trainer, topk=TOPK, alpha=ALPHA):
     """Plain torch on the untrained model: the batch TRL's collator builds from every training row."""
     import torch
@@ -96,6 +104,7 @@ def _reference(trainer, topk=TOPK, alpha=ALPHA):
             "ce": float(ce.mean()), "entropy": float(ent.mean()), "weight": float(w.mean()),
             "conflict_frac": float(((ent < 0.15) & (torch.exp(-ce) < 0.1)).double().mean()),
             "tokens": int(keep.sum()), "padding_free": "position_ids" in batch and "attention_mask" not in batch,
+            "supervised_text": [trainer.processing_class.decode(row[row != IGNORE]) for row in labels],
             "rows_with_prompt_masked": int((labels[:, 0] == IGNORE).sum()), "rows": int(labels.shape[0])}
 
 
@@ -169,7 +178,18 @@ def scenarios(out_json):
     res["fused"] = _train(t)
     lap("fused")
 
-    # 6. refused settings
+    # 6. assistant_only_loss on conversational data: a chatml template with {% generation %} markers
+    template = tmp / "chatml_generation.jinja"
+    template.write_text(CHATML_GENERATION)
+    messages = [{"messages": r["prompt"] + r["completion"]} for r in rows]
+    t = _trainer(model_dir, tmp / "assistant", messages, assistant_only_loss=True, chat_template_path=str(template),
+                 **eaft)
+    res["assistant_ref"] = _reference(t)
+    res["assistant_contents"] = [r["completion"][0]["content"] for r in rows]
+    res["assistant"] = _train(t)
+    lap("assistant_only")
+
+    # 7. refused settings
     model = _model(model_dir)
     res["errors"] = {
         "topk_over_vocab": _error(lambda: _trainer(model_dir, tmp / "e1", rows, model=model, loss_type="eaft",
@@ -381,6 +401,13 @@ def test_fused(run):
     row = _steps(run["fused"])[0]
     _check_step1(row, run["fused_ref"], rel=1e-4)
     assert "mean_token_accuracy" not in row  # no logits were built
+
+
+def test_assistant_only_loss(run):
+    ref = run["assistant_ref"]
+    # exactly the assistant turns (content + end of turn) are supervised: TRL's assistant masks reached the loss
+    assert ref["supervised_text"] == [c + "<|im_end|>" for c in run["assistant_contents"]]
+    _check_step1(_steps(run["assistant"])[0], ref)
 
 
 def test_refused_settings_name_the_field(run):
