@@ -104,7 +104,8 @@ def _reference(trainer, topk=TOPK, alpha=ALPHA):
             "ce": float(ce.mean()), "entropy": float(ent.mean()), "weight": float(w.mean()),
             "conflict_frac": float(((ent < 0.15) & (torch.exp(-ce) < 0.1)).double().mean()),
             "tokens": int(keep.sum()), "padding_free": "position_ids" in batch and "attention_mask" not in batch,
-            "supervised_text": [trainer.processing_class.decode(row[row != IGNORE]) for row in labels],
+            "supervised_text": [trainer.processing_class.decode(row[row != IGNORE]) for row in labels]
+            if getattr(trainer, "processing_class", None) is not None else None,
             "rows_with_prompt_masked": int((labels[:, 0] == IGNORE).sum()), "rows": int(labels.shape[0])}
 
 

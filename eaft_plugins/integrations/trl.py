@@ -52,11 +52,11 @@ def version_supported(version: Optional[str]) -> bool:
     return any(parts[:2] == prefix.split(".") for prefix, _ in SUPPORTED)
 
 
-def is_new_trl(version: Optional[str] = None) -> bool:
-    """TRL >= 1: SFTTrainer's own loss runs through its fused LM head (no logits)."""
-    version = version or trl_version() or "0"
+@functools.lru_cache(maxsize=None)
+def is_new_trl() -> bool:
+    """TRL >= 1: SFTTrainer's own loss runs through its fused LM head (no logits). Read once per process."""
     try:
-        return int(version.split(".")[0]) >= 1
+        return int((distribution_version("trl") or "0").split(".")[0]) >= 1
     except ValueError:
         return False
 
