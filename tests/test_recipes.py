@@ -247,7 +247,8 @@ out = {}
 for name, argv in json.loads(sys.argv[1]).items():
     args, remaining = parse_args(SftArguments, argv)
     ta = args.training_args
-    opts = getattr(ta, "eaft_options", None)
+    config = getattr(ta, "eaft_config", None)
+    opts = None if config is None else config.options
     out[name] = {"remaining": remaining, "loss_type": args.loss_type, "dft": args.enable_dft_loss,
                  "lr": ta.learning_rate, "ga": ta.gradient_accumulation_steps, "epochs": ta.num_train_epochs,
                  "max_length": args.max_length, "tuner_type": args.tuner_type,

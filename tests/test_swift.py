@@ -16,7 +16,7 @@ from eaft_plugins import eaft_loss
 from eaft_plugins.activation import status
 from eaft_plugins.integrations.swift_args import attach, options_from_flags
 from eaft_plugins.integrations.swift_loss import EAFTLoss
-from eaft_plugins.options import EAFTOptions
+from eaft_plugins.options import EAFTConfig, EAFTOptions
 
 IGNORE = -100
 
@@ -107,6 +107,27 @@ def test_flags_need_loss_type_eaft():
         parse(["--loss_type", "cross_entropy", "--eaft_gate", "hard", "--eaft_log_metrics", "false"])
 
 
+def test_rlhf_with_eaft_flags_is_refused_without_suggesting_loss_type():
+    from swift.arguments import RLHFArguments
+    from swift.utils import parse_args
+
+    with pytest.raises(ValueError) as err:
+        parse_args(RLHFArguments, ["--model", "m", "--dataset", "d.jsonl", "--rlhf_type", "dpo", "--eaft_topk", "20"])
+    message = str(err.value)
+    assert "--eaft_topk: EAFT is for `swift sft` / `swift pt`, not rlhf (--rlhf_type dpo)" in message
+    assert "Add --loss_type" not in message
+
+
+def test_quoted_booleans_are_parsed():
+    from eaft_plugins.integrations.swift_args import config_from_flags
+
+    config = config_from_flags({"eaft_fused": "false", "eaft_log_metrics": "FALSE"})
+    assert config.fused is False and config.log_metrics is False
+    assert config_from_flags({"eaft_fused": "1"}).fused is True
+    with pytest.raises(ValueError, match=r"^--eaft_fused 'off' is invalid: must be true or false"):
+        config_from_flags({"eaft_fused": "off"})
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
@@ -129,7 +150,7 @@ def test_flag_values_become_options():
 
 def test_loss_matches_core_with_flags(training_args):
     logits, labels = batch()
-    attach(training_args, EAFTOptions(topk=5, alpha=0.7), None)
+    attach(training_args, EAFTConfig(EAFTOptions(topk=5, alpha=0.7)))
     loss = EAFTLoss(training_args, None)
     got = loss(outputs(logits), labels, num_items_in_batch=torch.tensor(11))
     want = eaft_loss(logits, labels, topk=5, alpha=0.7, num_items_in_batch=11).loss
@@ -145,14 +166,14 @@ def test_loss_scale_aligned_like_swifts_cross_entropy(training_args):
     scale = torch.ones(labels.shape)
     scale[0, 6:9] = 2.5
     scale[1, 5] = 0.0
-    attach(training_args, EAFTOptions(gate="hard", h_min=0.0), None)
+    attach(training_args, EAFTConfig(EAFTOptions(gate="hard", h_min=0.0)))
     ours = EAFTLoss(training_args, None)(outputs(logits), labels, loss_scale=swift_loss_scale(scale))
     theirs = loss_map["cross_entropy"](training_args, None)(outputs(logits), labels, loss_scale=swift_loss_scale(scale))
     assert ours.item() == pytest.approx(theirs.item(), rel=1e-6)
     plain = loss_map["cross_entropy"](training_args, None)(outputs(logits), labels)
     assert ours.item() != pytest.approx(plain.item(), rel=1e-3)
     # and with soft weights: the core with the unshifted scale as token_scale
-    attach(training_args, EAFTOptions(), None)
+    attach(training_args, EAFTConfig(EAFTOptions()))
     soft = EAFTLoss(training_args, None)(outputs(logits), labels, loss_scale=swift_loss_scale(scale))
     assert soft.item() == pytest.approx(eaft_loss(logits, labels, token_scale=scale).loss.item(), rel=1e-6)
 
@@ -161,7 +182,7 @@ def test_padding_free_packed_row_equals_separate_rows(training_args):
     """Padding-free: swift packs rows into [1, T]; each row's first label is -100, so no cross-row scoring."""
     logits, labels = batch(b=2, t=10, seed=5)
     labels[:, 0] = IGNORE
-    attach(training_args, EAFTOptions(), None)
+    attach(training_args, EAFTConfig(EAFTOptions()))
     packed = EAFTLoss(training_args, None)(outputs(logits.reshape(1, 20, -1)), labels.reshape(1, 20))
     n = int((labels[:, 1:] != IGNORE).sum())
     rows = sum(eaft_loss(logits[i : i + 1], labels[i : i + 1], num_items_in_batch=n).loss for i in range(2))
@@ -171,13 +192,13 @@ def test_padding_free_packed_row_equals_separate_rows(training_args):
 def test_backward_gives_finite_grads(training_args):
     logits, labels = batch(seed=7)
     logits.requires_grad_()
-    attach(training_args, EAFTOptions(), None)
+    attach(training_args, EAFTConfig(EAFTOptions()))
     EAFTLoss(training_args, None)(outputs(logits), labels).backward()
     assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
 
 
 def test_missing_logits_is_an_error(training_args):
-    attach(training_args, EAFTOptions(), None)
+    attach(training_args, EAFTConfig(EAFTOptions()))
     with pytest.raises(ValueError, match="needs the model's logits"):
         EAFTLoss(training_args, None)(outputs(None), torch.zeros(1, 4, dtype=torch.long))
 
@@ -196,10 +217,10 @@ def test_fused_flag_reaches_the_trainer_args_not_the_options(smollm2_dir, tmp_pa
 
     assert "eaft_fused" in FLAGS and "eaft_fused" not in OPTION_FLAGS
     args, _ = parse_real(smollm2_dir, tmp_path, ["--loss_type", "eaft", "--eaft_fused", "true", "--eaft_topk", "7"])
-    assert args.training_args.eaft_fused is True
-    assert args.training_args.eaft_options == EAFTOptions(topk=7)
+    assert args.training_args.eaft_config.fused is True
+    assert args.training_args.eaft_config.options == EAFTOptions(topk=7)
     args, _ = parse_real(smollm2_dir, tmp_path, ["--loss_type", "eaft"])
-    assert args.training_args.eaft_fused is False
+    assert args.training_args.eaft_config.fused is False
     assert options_from_flags({"eaft_fused": True}) == EAFTOptions()
 
 
@@ -257,7 +278,7 @@ def swift_trainer(model, template, encoded, out, fused, **option_kwargs):
 
     args = Seq2SeqTrainingArguments(output_dir=str(out), loss_type="eaft", report_to=[], check_model=False,
                                      per_device_train_batch_size=2, remove_unused_columns=False)
-    attach(args, EAFTOptions(**option_kwargs), None, fused)
+    attach(args, EAFTConfig(EAFTOptions(**option_kwargs), fused=bool(fused)))
     return Seq2SeqTrainer(model=model, args=args, template=template, train_dataset=encoded)
 
 
@@ -355,5 +376,22 @@ def test_fused_refuses_an_unsupported_model_family(swift_model, tmp_path):
     with pytest.raises(ValueError) as err:
         swift_trainer(other, template, encoded, tmp_path, True)
     message = str(err.value)
-    assert "--eaft_fused true: fused EAFT (eaft_fused) supports LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM" in message
+    assert "--eaft_fused true: fused EAFT supports LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM" in message
     assert "got MistralForCausalLM" in message
+    assert "set --eaft_fused false" in message and "eaft_fused to false" not in message  # swift's own spelling
+
+
+def test_topk_larger_than_the_vocabulary_stops_when_the_trainer_is_built(swift_model, tmp_path):
+    model, template, encoded = swift_model
+    with pytest.raises(ValueError, match=r"^--eaft_topk: topk=1000000000 is larger than the vocabulary \(49152\)"):
+        swift_trainer(model, template, encoded, tmp_path, False, topk=1000000000)
+
+
+def test_all_masked_micro_batch_logs_no_means(swift_model, tmp_path):
+    model, template, encoded = swift_model
+    trainer = swift_trainer(model, template, encoded, tmp_path, False)
+    batch = template.data_collator(encoded[:2])
+    batch["labels"][:] = IGNORE
+    loss = micro_batch_losses(trainer, [batch], [0], 1)[0]
+    assert loss == 0.0
+    assert all(v is None for v in metric_values(trainer).values())  # nothing logged over 0 tokens

@@ -8,8 +8,9 @@ arms import hooks; the patches happen when ms-swift imports the modules concerne
 * `swift.loss.mapping`: adds `loss_map["eaft"]` (looked up by name when the trainer is built);
 * `swift.arguments.sft_args`: adds the `--eaft_*` fields to SftArguments (see swift_args);
 * `swift.trainers.seq2seq_trainer`: at the end of Seq2SeqTrainer.__init__ (the model is set by
-  then, training has not started), an EAFT loss with `--eaft_fused true` patches the model and
-  the trainer's compute_loss (`EAFTLoss.bind_trainer`); nothing changes for other losses.
+  then, training has not started), an EAFT loss checks `--eaft_topk` against the vocabulary and,
+  with `--eaft_fused true`, patches the model and the trainer's compute_loss
+  (`EAFTLoss.bind_trainer`); nothing changes for other losses.
 
 Megatron (`megatron sft`) is wired by `swift_megatron` (docs/megatron.md).
 """
@@ -59,11 +60,11 @@ def _patch_trainer(seq2seq_trainer) -> None:
 
         loss = getattr(self, "compute_loss_func", None)
         if isinstance(loss, EAFTLoss):
-            loss.bind_trainer(self)  # a no-op unless --eaft_fused
+            loss.bind_trainer(self)  # top-K vs vocabulary; with --eaft_fused, the fused forward
 
     cls.__init__ = __init__
     cls._eaft_plugins = True
-    record_patch(NAME, "swift.trainers.Seq2SeqTrainer.__init__: --eaft_fused binds the fused EAFT forward")
+    record_patch(NAME, "swift.trainers.Seq2SeqTrainer.__init__: EAFT loss bound to the model (--eaft_topk check, --eaft_fused)")
 
 
 def _guarded(what, callback):

@@ -8,7 +8,7 @@ RLHFArguments subclass it), so the CLI, YAML configs, args.json and the Python A
 a flag given without `--loss_type eaft` is an error even when its value equals the default.
 
 The trainer is built from a separate TrainingArguments copy that drops unknown fields, so the
-validated options travel to the loss as attributes of `args.training_args`.
+validated EAFTConfig travels to the loss as `args.training_args.eaft_config`.
 """
 
 from __future__ import annotations
@@ -16,24 +16,15 @@ from __future__ import annotations
 import dataclasses
 from typing import Dict, Optional
 
-from ..options import ENTROPY_NORMS, GATES, WEIGHT_NORMS, EAFTOptions
+from ..options import SETTINGS, EAFTConfig, EAFTOptions, Spelling, config_from_keys
 
 LOSS_TYPE = "eaft"
+SPELLING = Spelling("--{key}", "--{key} {value}")
+_TYPES = {"topk": Optional[str], "float": Optional[float], "choice": Optional[str], "bool": Optional[bool]}
 
-# flag -> (type, help). Option defaults are those of EAFTOptions (shown in the help).
-FLAGS = {
-    "eaft_topk": (Optional[str], "EAFT: entries of the top-K entropy, an integer >= 2 or 'full' (default 20)"),
-    "eaft_alpha": (Optional[float], "EAFT: exponent on the normalised entropy, >= 0 (default 1.0)"),
-    "eaft_entropy_norm": (Optional[str], f"EAFT: entropy normalisation, one of {list(ENTROPY_NORMS)} (default ln_k)"),
-    "eaft_gate": (Optional[str], f"EAFT: gate, one of {list(GATES)} (default soft)"),
-    "eaft_h_min": (Optional[float], "EAFT: confident-conflict entropy threshold, >= 0 (default 0.15)"),
-    "eaft_p_min": (Optional[float], "EAFT: confident-conflict probability threshold, in [0, 1] (default 0.1)"),
-    "eaft_weight_norm": (Optional[str], f"EAFT: weight normalisation, one of {list(WEIGHT_NORMS)} (default none)"),
-    "eaft_log_metrics": (Optional[bool], "EAFT: log eaft/ce, eaft/weight, eaft/entropy, eaft/conflict_frac (default true)"),
-    "eaft_fused": (Optional[bool], ("EAFT: compute the loss inside the model's forward from the last hidden states and "
-                                    "the LM head, never building the logits (Llama / Qwen2 / Qwen3; default false)")),
-}
-TRAINER_FLAGS = ("eaft_log_metrics", "eaft_fused")  # handed to the trainer, not EAFTOptions fields
+# flag -> (type, help), from the option schema. Every flag defaults to None: "not given".
+FLAGS = {s.key: (_TYPES[s.kind], f"EAFT: {s.help} (default {s.default_text})") for s in SETTINGS}
+TRAINER_FLAGS = tuple(s.key for s in SETTINGS if s.trainer)  # handed to the trainer, not EAFTOptions fields
 OPTION_FLAGS = [f for f in FLAGS if f not in TRAINER_FLAGS]
 
 
@@ -42,32 +33,24 @@ def given_flags(args) -> Dict[str, object]:
     return {f: getattr(args, f, None) for f in FLAGS if getattr(args, f, None) is not None}
 
 
-def _topk_value(value):
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        return int(value)
-    return value
+def config_from_flags(flags: Dict[str, object]) -> EAFTConfig:
+    """Validated EAFTConfig from --eaft_* values; a bad value raises ValueError naming its flag."""
+    return config_from_keys({flag[len("eaft_"):]: value for flag, value in flags.items()}, SPELLING)
 
 
 def options_from_flags(flags: Dict[str, object]) -> EAFTOptions:
-    """Validated EAFTOptions from --eaft_* values; a bad value raises ValueError naming its flag."""
-    values = {}
-    for flag in OPTION_FLAGS:
-        if flags.get(flag) is None:
-            continue
-        name = flag[len("eaft_"):]
-        value = _topk_value(flags[flag]) if name == "topk" else flags[flag]
-        try:
-            EAFTOptions(**{name: value})
-        except ValueError as exc:
-            raise ValueError(f"--{flag} {flags[flag]!r} is invalid: {exc}") from None
-        values[name] = value
-    return EAFTOptions(**values)
+    return config_from_flags(flags).options
 
 
-def check_arguments(args) -> Optional[EAFTOptions]:
-    """Refuse settings under which EAFT would not be applied; return the options (None: EAFT off)."""
+def check_arguments(args) -> Optional[EAFTConfig]:
+    """Refuse settings under which EAFT would not be applied; return the config (None: EAFT off)."""
     flags = given_flags(args)
     loss_type = getattr(args, "loss_type", None)
+    rlhf_type = getattr(args, "rlhf_type", None)
+    if rlhf_type is not None and (loss_type == LOSS_TYPE or flags):
+        given = [f"--loss_type {LOSS_TYPE}"] if loss_type == LOSS_TYPE else []
+        raise ValueError(f"{', '.join(given + ['--' + f for f in flags])}: EAFT is for `swift sft` / `swift pt`, "
+                         f"not rlhf (--rlhf_type {rlhf_type}); drop the EAFT flags.")
     if loss_type != LOSS_TYPE:
         if flags:
             raise ValueError(
@@ -75,8 +58,6 @@ def check_arguments(args) -> Optional[EAFTOptions]:
                 f"EAFT options only apply with --loss_type {LOSS_TYPE}. Add --loss_type {LOSS_TYPE} or drop them."
             )
         return None
-    if getattr(args, "rlhf_type", None) is not None:
-        raise ValueError(f"--loss_type {LOSS_TYPE} is for sft / pt, not rlhf (--rlhf_type {args.rlhf_type}).")
     if getattr(args, "enable_dft_loss", False):
         raise ValueError(f"--loss_type {LOSS_TYPE} with --enable_dft_loss: both replace the loss; use one of the two.")
     if (getattr(args, "label_smoothing_factor", 0) or 0) > 0:
@@ -89,7 +70,8 @@ def check_arguments(args) -> Optional[EAFTOptions]:
             f"--loss_type {LOSS_TYPE} does not support sequence parallel (--sequence_parallel_size "
             f"{args.sequence_parallel_size}); set --sequence_parallel_size 1."
         )
-    fused = bool(flags.get("eaft_fused"))
+    config = config_from_flags(flags)
+    fused = config.fused
     if getattr(args, "use_liger_kernel", False) and not fused:
         # Without --eaft_fused, ms-swift pops the labels before the forward (a loss_type is set), so
         # Liger's fused linear cross-entropy never runs: the full logits are built anyway, and Liger's
@@ -105,14 +87,12 @@ def check_arguments(args) -> Optional[EAFTOptions]:
             "--eaft_fused true with --enable_channel_loss: the per-channel losses need per-token losses from the "
             "logits, which the fused path never builds; drop one of the two."
         )
-    return options_from_flags(flags)
+    return config
 
 
-def attach(training_args, options: EAFTOptions, log_metrics: Optional[bool], fused: Optional[bool] = None) -> None:
-    """Hand the validated options to the trainer's arguments (read back by the loss)."""
-    training_args.eaft_options = options
-    training_args.eaft_log_metrics = True if log_metrics is None else bool(log_metrics)
-    training_args.eaft_fused = bool(fused)
+def attach(training_args, config: EAFTConfig) -> None:
+    """Hand the validated config to the trainer's arguments (read back by the loss)."""
+    training_args.eaft_config = config
 
 
 def extend_sft_arguments(cls) -> None:
@@ -134,10 +114,10 @@ def extend_sft_arguments(cls) -> None:
     original = cls.__post_init__
 
     def __post_init__(self, *a, **kw):
-        options = check_arguments(self)  # before the slow part: bad flags fail fast
+        config = check_arguments(self)  # before the slow part: bad flags fail fast
         original(self, *a, **kw)
-        if options is not None and getattr(self, "training_args", None) is not None:
-            attach(self.training_args, options, getattr(self, "eaft_log_metrics", None), getattr(self, "eaft_fused", None))
+        if config is not None and getattr(self, "training_args", None) is not None:
+            attach(self.training_args, config)
 
     __post_init__.__wrapped__ = original
     cls.__post_init__ = __post_init__

@@ -18,30 +18,29 @@ from __future__ import annotations
 
 from swift.loss.base import BaseLoss
 
-from ..loss import eaft_loss, shift_labels
-from ..options import EAFTOptions
-from ..stats import StatsAccumulator
-from .swift_args import LOSS_TYPE
+from ..loss import shift_labels
+from ..options import EAFTConfig
+from ..run import EAFTRun, metric_names, metric_values
+from .swift_args import LOSS_TYPE, SPELLING
 
-METRIC_KEYS = ("eaft/ce", "eaft/weight", "eaft/entropy", "eaft/conflict_frac")
+METRIC_KEYS = metric_names("train")
 
 
 class EAFTLoss(BaseLoss):
-    """EAFT for `swift sft --loss_type eaft`; options come from the --eaft_* flags (see swift_args)."""
+    """EAFT for `swift sft --loss_type eaft`; the config comes from the --eaft_* flags (see swift_args).
+
+    The per-trainer state (weight_norm divisor, statistics, fused handle) is an EAFTRun, shared in
+    shape and rules with every other integration.
+    """
 
     def __init__(self, args, trainer):
         super().__init__(args, trainer)
         if self.is_megatron:
             raise ValueError("this EAFT loss is for `swift sft`; `megatron sft` has its own wiring (docs/megatron.md)")
-        self.options: EAFTOptions = getattr(args, "eaft_options", None) or EAFTOptions()
-        self.log_metrics = bool(getattr(args, "eaft_log_metrics", True))
-        self.fused_requested = bool(getattr(args, "eaft_fused", False))
-        self.fused = None  # the FusedEAFT handle once bind_trainer patched the model
+        self.run = EAFTRun(getattr(args, "eaft_config", None) or EAFTConfig(), SPELLING)
+        self.fused_requested = self.run.config.fused
         self._keep_logits = False
         self._forward = None
-        self.mean_weight = None  # weight_norm="mean": global mean raw weight of the previous optimizer step
-        self._step = None
-        self._step_raw = StatsAccumulator()
         self._logs = {}
         if trainer is None:
             return
@@ -51,9 +50,14 @@ class EAFTLoss(BaseLoss):
         _check_sequence_parallel(trainer)
         if self.log_metrics:
             for mode in ("train", "eval"):
-                log = self._logs[mode] = _MetricLog(args)
+                log = self._logs[mode] = _MetricLog(self.run, mode, args)
                 for key in METRIC_KEYS:  # on every rank, so the ranks' metric keys always agree
                     trainer.custom_metrics[mode][key] = _Metric(log, key)
+
+    options = property(lambda self: self.run.options)
+    log_metrics = property(lambda self: self.run.log_metrics)
+    fused = property(lambda self: self.run.fused)
+    mean_weight = property(lambda self: self.run.mean_weight)
 
     def __call__(self, outputs, labels, *, num_items_in_batch=None, loss_scale=None, **kwargs):
         trainer = kwargs.get("trainer") or self.trainer
@@ -64,65 +68,22 @@ class EAFTLoss(BaseLoss):
                 "to the dense loss silently. Drop --eaft_fused or fix the installation."
             )
         logits = getattr(outputs, "logits", outputs)
-        if logits is None:
-            raise ValueError(
-                f"--loss_type {LOSS_TYPE} needs the model's logits, but the forward pass returned none "
-                "(e.g. a fused Liger loss); add --eaft_fused true or drop --use_liger_kernel."
-            )
         if trainer is not None:
             _check_sequence_parallel(trainer)
-        opts = self.options
-        labels = shift_labels(labels, opts.ignore_index)
+        labels = shift_labels(labels, self.options.ignore_index)
         token_scale = None if loss_scale is None else loss_scale.reshape(labels.shape)  # already shifted
-        training = self._begin(trainer, logits.device)
-        out = eaft_loss(
-            logits,
-            labels,
-            options=opts,
-            num_items_in_batch=num_items_in_batch,
-            shift=False,
-            mean_weight=self.mean_weight,
-            token_scale=token_scale,
-        )
-        self._record(out.stats, training, trainer)
-        return out.loss
-
-    # State shared by the dense path (__call__) and the fused one (_FusedComputeLoss).
-
-    def _begin(self, trainer, device) -> bool:
-        """Before a micro-batch's loss: whether it trains (and, for weight_norm="mean", the step's divisor)."""
         training = trainer is not None and trainer.model.training
-        if training and self.options.weight_norm == "mean":
-            self._start_step(trainer.state.global_step, device)
-        return training
-
-    def _record(self, stats, training, trainer) -> None:
-        """After a micro-batch's loss: its stats into the weight_norm step sums and the metric log."""
-        if training and self.options.weight_norm == "mean":
-            self._step_raw.add(stats)
-        if self._logs and trainer is not None:
-            self._logs["train" if training else "eval"].acc.add(stats)
-
-    def _start_step(self, step, device):
-        """At the first micro-batch of an optimizer step, turn the last step's raw sums into mean_weight.
-
-        Every rank runs the same micro-batches, so every rank joins this all-reduce.
-        """
-        if step == self._step:
-            return
-        if self._step is not None:
-            mean = self._step_raw.pop(device=device).raw_mean_weight  # weights before weight_norm
-            if mean is not None:
-                self.mean_weight = mean
-        self._step = step
-
-    # --eaft_fused
+        step = trainer.state.global_step if trainer is not None else 0
+        return self.run.dense_loss(logits, labels, training=training, step=step, num_items_in_batch=num_items_in_batch,
+                                   shift=False, token_scale=token_scale)
 
     def bind_trainer(self, trainer) -> None:
-        """--eaft_fused: patch the trainer's model and its compute_loss (after Seq2SeqTrainer.__init__).
+        """At the end of Seq2SeqTrainer.__init__ (model set, no step taken): check the top-K against the
+        vocabulary, and with --eaft_fused patch the model and the trainer's compute_loss.
 
-        Raises ValueError, before any training step, for what the fused path cannot honour.
+        Raises ValueError, before any training step, for what cannot be honoured.
         """
+        self.run.check_vocab(trainer.model)
         if not self.fused_requested or self.fused is not None:
             return
         args = trainer.args
@@ -146,14 +107,7 @@ class EAFTLoss(BaseLoss):
         trainer.compute_loss = _FusedComputeLoss(self, trainer)
 
     def _patch(self, model):
-        from ..fused_model import patch_model_for_fused_eaft
-
-        try:
-            self.fused = patch_model_for_fused_eaft(model, self.options, keep_logits=self._keep_logits)
-        except ValueError as exc:
-            raise ValueError(f"--eaft_fused true: {exc}") from None
-        # Same divisor as the dense path: the last optimizer step's, in training and in evaluation.
-        self.fused.mean_weight = lambda: self.mean_weight
+        self.run.patch_fused(model, keep_logits=self._keep_logits)
         self._forward = self.fused.model.__dict__["forward"]
 
     def _fused_handle(self):
@@ -191,17 +145,12 @@ class _FusedComputeLoss:
         if labels is None:
             raise ValueError("--eaft_fused true: the batch has no labels, so the model would compute no EAFT loss")
         _check_sequence_parallel(trainer)
-        handle = eaft._fused_handle()
-        mode = "train" if trainer.model.training else "eval"
-        training = eaft._begin(trainer, labels.device)
-        handle.last_stats = None
+        eaft._fused_handle()
+        training = trainer.model.training
+        mode = "train" if training else "eval"
+        eaft.run.begin_fused(training, trainer.state.global_step, labels.device)
         outputs = model(**inputs, labels=labels, num_items_in_batch=num_items_in_batch, eaft_token_scale=loss_scale)
-        if handle.last_stats is None:  # some wrapper bypassed the patched forward
-            raise RuntimeError(
-                "--eaft_fused true: the model's forward did not run the fused EAFT loss (it was replaced or "
-                "wrapped after patching); drop --eaft_fused and report this model setup"
-            )
-        eaft._record(handle.last_stats, training, trainer)
+        eaft.run.end_fused(training)
         if getattr(outputs, "aux_loss", None) is not None:
             trainer.custom_metrics[mode]["aux_loss"].update(outputs.aux_loss)
         if getattr(trainer.args, "past_index", -1) >= 0:
@@ -229,23 +178,22 @@ def _check_sequence_parallel(trainer) -> None:
 
 
 class _MetricLog:
-    """EAFT stats of one mode since the last log; reduced over ranks once per log, read by four keys."""
+    """One mode's EAFT metrics: reduced over ranks once per log round, read by four keys."""
 
-    def __init__(self, args):
-        self.acc = StatsAccumulator()
-        self._args = args
-        self._means = None
+    def __init__(self, run: EAFTRun, mode: str, args):
+        self.run, self.mode, self._args = run, mode, args
+        self._values = {}
         self._unread = set()
 
     def value(self, key):
         # ms-swift computes every metric key, in sorted order, on every rank at each log: the first
         # EAFT key of a round does the (collective) reduction, the other three read its result.
+        # ms-swift adds the eval_ prefix itself, so both modes use the train names.
         if key not in self._unread:
-            stats = self.acc.pop(device=self._args.device)
-            self._means = stats.means() if float(stats.tokens) > 0 else None
+            self._values = metric_values(self.run.acc[self.mode].pop(device=self._args.device))
             self._unread = set(METRIC_KEYS)
         self._unread.discard(key)
-        return None if self._means is None else self._means[key]
+        return self._values.get(key)  # None (not logged) when no token was supervised
 
 
 class _Metric:

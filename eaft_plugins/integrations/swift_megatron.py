@@ -75,12 +75,22 @@ def check_model_config(config) -> None:
         )
 
 
+def _check_vocab(vocab_size) -> None:
+    """The first point where Megatron's (padded) vocabulary size is known: name the flag, not a top-k error."""
+    if vocab_size is not None:
+        try:
+            _options.check_vocab(int(vocab_size))
+        except ValueError as exc:
+            raise ValueError(f"--eaft_topk: {exc}") from None
+
+
 def eaft_language_model_loss(model, labels, logits):
     """Per-token EAFT loss [b, s] from labels [b, s] and vocab-parallel logits [s, b, V/tp]."""
     global _last_stats
     from ..vocab_parallel import vocab_parallel_eaft_loss
 
     check_model_config(model.config)
+    _check_vocab(getattr(model, "vocab_size", None))
     pg = getattr(model, "pg_collection", None)
     group = getattr(pg, "tp", None) if pg is not None else None
     if group is None:
@@ -129,14 +139,16 @@ def configure(args) -> Optional[EAFTOptions]:
             raise ValueError(f"--loss_type {LOSS_TYPE} needs --task_type causal_lm, got {task_type!r}")
         if getattr(args, "mtp_num_layers", None):
             raise ValueError(f"--loss_type {LOSS_TYPE} does not support --mtp_num_layers (multi-token prediction).")
-    options = check_arguments(args)  # flags without --loss_type eaft, DFT, bad values
-    if options is None:
-        disable()
-    else:
-        enable(options)
+    config = check_arguments(args)  # flags without --loss_type eaft, DFT, bad values
     global _log_metrics
-    _log_metrics = getattr(args, "eaft_log_metrics", None) is not False
-    return options
+    if config is not None and config.fused:
+        raise ValueError("--eaft_fused is for `swift sft`: `megatron sft` already computes EAFT on the vocab-parallel "
+                         "logits shard by shard (docs/megatron.md); drop --eaft_fused.")
+    if config is None:
+        disable()
+        return None
+    _log_metrics = config.log_metrics
+    return enable(config.options)
 
 
 def _extend_megatron_arguments(module) -> None:
