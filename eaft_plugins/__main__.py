@@ -49,6 +49,7 @@ def doctor() -> int:
                 importlib.import_module(name)
             except Exception as exc:
                 print(f"  importing {name} failed: {exc!r}")
+        integration = None
         try:
             integration = importlib.import_module(ep.module)
             # Frameworks that import lazily are patched when these submodules load.
@@ -58,6 +59,9 @@ def doctor() -> int:
             print(f"  loading the integration failed: {exc!r}")
         st = status(name)
         print(f"  activated: {'yes' if st.activated else 'no'}")
+        for problem in getattr(integration, "runtime_problems", lambda: [])():
+            bad += 1
+            print(f"  CANNOT RUN: {problem}")
         for what in st.patched:
             print(f"  patched: {what}")
         for what in st.errors:

@@ -3,7 +3,8 @@
 Cheap and silent: importing this module touches no torch and no framework. When a watched
 framework (`llamafactory`, `swift`, ...) is first imported, the integrations named by this
 package's `eaft_plugins.frameworks` entry points are activated; they register further hooks
-on the submodules they patch. Set EAFT_PLUGINS_DISABLE=1 to turn all of it off.
+on the submodules they patch. EAFT_PLUGINS_DISABLE=1 (or true / yes) turns all of it off; any
+other value, "off" included, leaves it on.
 """
 
 import importlib.abc
@@ -20,8 +21,12 @@ _lock = threading.RLock()
 _finder = None
 
 
+DISABLE_WORDS = ("1", "true", "yes")  # the .pth line spells the same tuple
+
+
 def disabled() -> bool:
-    return os.environ.get("EAFT_PLUGINS_DISABLE", "").strip().lower() not in ("", "0", "false", "no")
+    # Only an explicit yes disables: a typo such as "off" must not turn EAFT off silently.
+    return os.environ.get("EAFT_PLUGINS_DISABLE", "").strip().lower() in DISABLE_WORDS
 
 
 def when_imported(name, callback):

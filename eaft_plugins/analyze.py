@@ -29,7 +29,10 @@ import torch
 
 from .entropy import chunk_scores, conflict_mask, finish_weights, topk_entropy
 from .evaluation import IGNORE, chunks, encode_conversation, generate, load_model, pad_batch, write_json
-from .options import EAFTOptions
+from .options import SETTINGS, EAFTOptions, Spelling, config_from_keys
+
+# One scoring pass has no optimizer step to normalise over (weight_norm), and no trainer.
+SCORING_SETTINGS = tuple(st for st in SETTINGS if not st.trainer and st.name != "weight_norm")
 
 DEFAULT_KS = (5, 10, 20, 50)
 
@@ -352,21 +355,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--conflicts", type=int, default=30, help="confident conflicts listed in conflicts.md")
-    p.add_argument("--topk", default="20", help="EAFT top-K (integer or 'full')")
-    p.add_argument("--alpha", type=float, default=1.0)
-    p.add_argument("--entropy-norm", default="ln_k")
-    p.add_argument("--gate", default="soft")
-    p.add_argument("--h-min", type=float, default=0.15)
-    p.add_argument("--p-min", type=float, default=0.1)
+    for setting in SCORING_SETTINGS:  # the EAFT options, from the schema
+        p.add_argument(f"--{setting.name.replace('_', '-')}", default=None,
+                       help=f"EAFT: {setting.help} (default {setting.default_text})")
     p.add_argument("--no-progress", action="store_true")
     return p
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    topk = args.topk if args.topk.strip().lower() in ("full", "none") else int(args.topk)
-    opts = EAFTOptions(topk=topk, alpha=args.alpha, entropy_norm=args.entropy_norm, gate=args.gate,
-                       h_min=args.h_min, p_min=args.p_min)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        opts = config_from_keys({st.name: getattr(args, st.name) for st in SCORING_SETTINGS}, Spelling("--{dashed}")).options
+    except ValueError as exc:
+        parser.error(str(exc))
     ks = [int(k) for k in args.ks.split(",") if k.strip()]
     s = analyze(args.model, args.data, args.out, args.format, opts, ks, args.limit, args.cutoff, args.batch_size,
                 args.on_policy, args.max_new_tokens, args.sample, args.temperature, args.seed, args.device,

@@ -131,7 +131,14 @@ def supervised_rows(labels_flat: torch.Tensor, vocab: int, ignore_index: int):
 def check_finite(lse: torch.Tensor, ce: torch.Tensor, h_norm: torch.Tensor) -> None:
     bad = ~(torch.isfinite(lse) & torch.isfinite(ce) & torch.isfinite(h_norm))
     if bad.numel() and bool(bad.any()):
-        raise ValueError(f"logits contain NaN or inf at {int(bad.sum())} of {bad.numel()} supervised tokens")
+        n_bad = int(bad.sum())
+        # Finite logits whose label logit is -inf: CE is +inf because the label has probability 0.
+        label_only = torch.isfinite(lse) & torch.isposinf(ce) & torch.isfinite(h_norm)
+        if int(label_only.sum()) == n_bad:
+            raise ValueError(
+                f"the label's logit is -inf at {n_bad} of {bad.numel()} supervised tokens, so their cross-entropy "
+                "is infinite (the model gives those labels probability 0: a masked or biased-out vocabulary entry?)")
+        raise ValueError(f"logits contain NaN or inf at {n_bad} of {bad.numel()} supervised tokens")
 
 
 def _denominator(num_items_in_batch, n_supervised: int, device) -> torch.Tensor:

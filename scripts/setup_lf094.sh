@@ -8,7 +8,7 @@ VENV=${EAFT_LF094_VENV:-.venv-lf094}
 PYTHON=${PYTHON:-python3}
 
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-stamp="$VENV/.eaft-setup-$(cat scripts/setup_lf094.sh pyproject.toml | sha1sum | cut -c1-12)"
+stamp="$VENV/.eaft-setup-$(cat scripts/setup_lf094.sh pyproject.toml eaft_plugins.pth | sha1sum | cut -c1-12)"
 if [ ! -f "$stamp" ]; then
   "$VENV/bin/python" -m pip install -q -U pip
   "$VENV/bin/python" -m pip install -q torch==2.14.1 torchvision==0.29.1

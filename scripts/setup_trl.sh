@@ -9,7 +9,7 @@ VENV=${EAFT_TRL_VENV:-.venv-trl}
 PYTHON=${PYTHON:-python3}
 
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-stamp="$VENV/.eaft-setup-$(cat scripts/setup_trl.sh pyproject.toml | sha1sum | cut -c1-12)"
+stamp="$VENV/.eaft-setup-$(cat scripts/setup_trl.sh pyproject.toml eaft_plugins.pth | sha1sum | cut -c1-12)"
 if [ ! -f "$stamp" ]; then
   "$VENV/bin/python" -m pip install -q -U pip
   # Named first so pip keeps the local torch wheels and never pulls another torch.

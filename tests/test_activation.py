@@ -39,6 +39,10 @@ def test_interpreter_start_arms_the_hook_without_importing_torch_or_frameworks()
     code = "import sys; print(sorted(m for m in ('eaft_plugins._bootstrap', 'torch', 'llamafactory', 'swift') if m in sys.modules))"
     assert python(code).stdout.strip() == "['eaft_plugins._bootstrap']"
     assert python(code, EAFT_PLUGINS_DISABLE="1").stdout.strip() == "[]"
+    for word in ("true", "YES"):
+        assert python(code, EAFT_PLUGINS_DISABLE=word).stdout.strip() == "[]"
+    for word in ("off", "0", "false", "disable"):  # only 1 / true / yes disable: a typo never turns EAFT off
+        assert python(code, EAFT_PLUGINS_DISABLE=word).stdout.strip() == "['eaft_plugins._bootstrap']", word
 
 
 def test_a_broken_eaft_plugins_never_breaks_interpreter_start(tmp_path):

@@ -147,3 +147,15 @@ def test_cli_quick_run(tmp_path, smollm2_dir):
     data_rows = [r for r in rows if r["source"] == "data"]
     plain = sum(float(r["h_norm"]) < 0.15 and float(r["p"]) < 0.1 for r in data_rows)
     assert plain == d["conflict_tokens"] == sum(int(r["conflict"]) for r in data_rows)
+
+
+def test_option_flags_come_from_the_schema(capsys):
+    from eaft_plugins.analyze import SCORING_SETTINGS, build_parser, main
+
+    help_text = build_parser().format_help()
+    for setting in SCORING_SETTINGS:
+        assert f"--{setting.name.replace('_', '-')}" in help_text
+    assert {s.name for s in SCORING_SETTINGS} == {"topk", "alpha", "entropy_norm", "gate", "h_min", "p_min"}
+    with pytest.raises(SystemExit):
+        main(["--model", "m", "--data", "d.json", "--gate", "sharp"])
+    assert "--gate 'sharp' is invalid: gate must be one of ['soft', 'hard', 'shuffle']" in capsys.readouterr().err

@@ -341,6 +341,16 @@ def test_non_finite_logits_raise_with_count(value):
         eaft_loss(logits, labels)
 
 
+def test_minus_inf_label_logit_is_named_as_such():
+    logits, labels = make_batch()
+    logits[0, 4, labels[0, 5]] = float("-inf")  # position 4 predicts label 5: probability 0
+    with pytest.raises(ValueError, match=r"the label's logit is -inf at 1 of \d+ supervised tokens"):
+        eaft_loss(logits, labels)
+    logits[1, 7, 0] = float("nan")  # plus a real NaN: the general message
+    with pytest.raises(ValueError, match="NaN or inf at 2 of"):
+        eaft_loss(logits, labels)
+
+
 def test_topk_full_string_means_exact_entropy():
     assert EAFTOptions(topk="full").topk is None
 

@@ -395,3 +395,18 @@ def test_all_masked_micro_batch_logs_no_means(swift_model, tmp_path):
     loss = micro_batch_losses(trainer, [batch], [0], 1)[0]
     assert loss == 0.0
     assert all(v is None for v in metric_values(trainer).values())  # nothing logged over 0 tokens
+
+
+def test_doctor_says_whether_swift_sft_can_run_here():
+    """ms-swift imports in .venv (datasets 4.0) but `swift sft` would die on datasets.features.Json: doctor says so."""
+    proc = subprocess.run([sys.executable, "-m", "eaft_plugins", "doctor"], capture_output=True, text=True, timeout=300)
+    try:
+        from datasets.features import Json  # noqa: F401
+
+        runnable = True
+    except ImportError:
+        runnable = False
+    said = "CANNOT RUN: `swift sft` cannot run here" in proc.stdout
+    assert said is (not runnable), proc.stdout[-2000:]
+    if said:
+        assert proc.returncode == 1 and ".venv-swift" in proc.stdout

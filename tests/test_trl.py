@@ -484,25 +484,6 @@ def test_hf_trainer_one_liner(smollm2_dir, tmp_path):
     assert "with_eaft(..., eaft_gate=...) 'sharp' is invalid" in res["bad"]
 
 
-def options_table():
-    """The options table of docs/trl.md, generated from the option schema."""
-    from eaft_plugins.options import SETTINGS
-
-    allowed = {"topk": "integer >= 2, or `full`", "float": "number", "bool": "`true`, `false`"}
-    lines = ["| field / flag | default | allowed | meaning |", "|---|---|---|---|"]
-    for s in SETTINGS:
-        kinds = allowed.get(s.kind) or ", ".join(f"`{c}`" for c in s.choices)
-        lines.append(f"| `{s.key}` | `{s.default_text}` | {kinds} | {s.help.replace('|', chr(92) + '|')} |")
-    return "\n".join(lines)
-
-
-def test_docs_options_table_is_the_schema():
-    text = (ROOT / "docs" / "trl.md").read_text()
-    start = text.index("<!-- options table")
-    table = text[text.index("\n", start) + 1:text.index("<!-- end of options table -->")].strip()
-    assert table == options_table(), "regenerate with: python -c 'import tests.test_trl as t; print(t.options_table())'"
-
-
 def test_sft_config_fields_come_from_the_schema():
     """In this interpreter (.venv, TRL 0.24): the fields exist, default None, help from Setting.help."""
     dataclasses = pytest.importorskip("dataclasses")

@@ -67,6 +67,20 @@ def _patch_trainer(seq2seq_trainer) -> None:
     record_patch(NAME, "swift.trainers.Seq2SeqTrainer.__init__: EAFT loss bound to the model (--eaft_topk check, --eaft_fused)")
 
 
+def runtime_problems() -> list:
+    """What stops `swift sft` in this environment although ms-swift imports (shown by doctor)."""
+    try:
+        from datasets.features import Json  # noqa: F401  ms-swift 4.6 imports it when it preprocesses a dataset
+    except ImportError:
+        from ..activation import distribution_version
+
+        return [f"`swift sft` cannot run here: ms-swift {distribution_version('ms-swift')} imports "
+                f"datasets.features.Json (datasets >= 4.1), found datasets {distribution_version('datasets')} "
+                "(llamafactory 0.9.5 pins datasets<=4.0.0). Run swift from its own environment: "
+                "pip install 'eaft-plugins[swift]' there (this checkout: .venv-swift)"]
+    return []
+
+
 def _guarded(what, callback):
     return guarded(NAME, what, callback)
 
