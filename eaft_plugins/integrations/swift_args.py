@@ -13,9 +13,9 @@ validated EAFTConfig travels to the loss as `args.training_args.eaft_config`.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Dict, Optional
 
+from .fields import add_fields
 from ..options import SETTINGS, EAFTConfig, EAFTOptions, Spelling, config_from_keys
 
 LOSS_TYPE = "eaft"
@@ -97,19 +97,8 @@ def attach(training_args, config: EAFTConfig) -> None:
 
 def extend_sft_arguments(cls) -> None:
     """Add the FLAGS as dataclass fields of `cls` (in place) and validate them in __post_init__."""
-    if "eaft_topk" in {f.name for f in dataclasses.fields(cls)}:
+    if not add_fields(cls, FLAGS):
         return
-    annotations = cls.__dict__.get("__annotations__", {})
-    for name, (tp, help_text) in FLAGS.items():
-        annotations[name] = tp
-        setattr(cls, name, dataclasses.field(default=None, metadata={"help": help_text}))
-    cls.__annotations__ = annotations
-    # dataclass() never overwrites a method already in the class dict: drop the generated ones.
-    for name in ("__init__", "__repr__", "__eq__", "__match_args__"):
-        member = cls.__dict__.get(name)
-        if member is not None and (name == "__match_args__" or _is_generated(member)):
-            delattr(cls, name)
-    dataclasses.dataclass(cls)
 
     original = cls.__post_init__
 
@@ -121,8 +110,3 @@ def extend_sft_arguments(cls) -> None:
 
     __post_init__.__wrapped__ = original
     cls.__post_init__ = __post_init__
-
-
-def _is_generated(member) -> bool:
-    code = getattr(member, "__code__", None)
-    return code is not None and (code.co_filename == "<string>" or code.co_filename.endswith("dataclasses.py"))

@@ -17,7 +17,6 @@ Activated by the `.pth` bootstrap when `trl` is imported (entry point `trl` of `
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import inspect
 import types
@@ -25,6 +24,7 @@ from typing import Dict, Optional
 
 from .. import _bootstrap
 from ..activation import distribution_version, guarded, record_error, record_patch
+from .fields import add_fields
 from ..options import SETTINGS, EAFTConfig, Spelling, config_from_keys
 
 NAME = "trl"
@@ -106,37 +106,8 @@ def check_config(args) -> Optional[EAFTConfig]:
 
 def extend_sft_config(cls) -> None:
     """Add FIELDS to the SFTConfig dataclass in place, add "eaft" to loss_type's choices, check in __post_init__."""
-    if "eaft_topk" in {f.name for f in dataclasses.fields(cls)}:
+    if not add_fields(cls, FIELDS, _add_loss_type_choice):
         return
-    annotations = dict(cls.__dict__.get("__annotations__", {}))
-    own_fields = cls.__dict__["__dataclass_fields__"]
-    # Re-processing the class rebuilds its fields from the class attributes, which hold plain defaults
-    # by now: put the original Field objects back so help texts, choices and default factories survive.
-    for name in annotations:
-        f = own_fields.get(name)
-        if f is not None and f._field_type is dataclasses._FIELD:
-            setattr(cls, name, f)
-    loss_field = own_fields.get("loss_type")
-    if loss_field is not None:
-        meta = dict(loss_field.metadata)
-        if "choices" in meta and LOSS_TYPE not in meta["choices"]:
-            meta["choices"] = list(meta["choices"]) + [LOSS_TYPE]
-        meta["help"] = (meta.get("help", "") + f" '{LOSS_TYPE}': Entropy-Adaptive Fine-Tuning (eaft-plugins; "
-                        "its settings are the eaft_* fields).").strip()
-        loss_field.metadata = types.MappingProxyType(meta)
-        if "loss_type" not in annotations:  # inherited: declare it here so the new metadata is used
-            annotations["loss_type"] = loss_field.type
-            setattr(cls, "loss_type", loss_field)
-    for name, (tp, help_text) in FIELDS.items():
-        annotations[name] = tp
-        setattr(cls, name, dataclasses.field(default=None, metadata={"help": help_text}))
-    cls.__annotations__ = annotations
-    # dataclass() never overwrites a method already in the class dict: drop the generated ones.
-    for name in ("__init__", "__repr__", "__eq__", "__match_args__"):
-        member = cls.__dict__.get(name)
-        if member is not None and (name == "__match_args__" or _is_generated(member)):
-            delattr(cls, name)
-    dataclasses.dataclass(cls)
 
     original = cls.__post_init__
 
@@ -148,9 +119,20 @@ def extend_sft_config(cls) -> None:
     cls.__post_init__ = __post_init__
 
 
-def _is_generated(member) -> bool:
-    code = getattr(member, "__code__", None)
-    return code is not None and (code.co_filename == "<string>" or code.co_filename.endswith("dataclasses.py"))
+def _add_loss_type_choice(cls, annotations: dict, own_fields: dict) -> None:
+    """'eaft' among loss_type's choices (TRL 1.x checks them) and in its help."""
+    loss_field = own_fields.get("loss_type")
+    if loss_field is None:
+        return
+    meta = dict(loss_field.metadata)
+    if "choices" in meta and LOSS_TYPE not in meta["choices"]:
+        meta["choices"] = list(meta["choices"]) + [LOSS_TYPE]
+    meta["help"] = (meta.get("help", "") + f" '{LOSS_TYPE}': Entropy-Adaptive Fine-Tuning (eaft-plugins; "
+                    "its settings are the eaft_* fields).").strip()
+    loss_field.metadata = types.MappingProxyType(meta)
+    if "loss_type" not in annotations:  # inherited: declare it here so the new metadata is used
+        annotations["loss_type"] = loss_field.type
+        setattr(cls, "loss_type", loss_field)
 
 
 # ---- SFTTrainer ------------------------------------------------------------------------------------
