@@ -73,7 +73,7 @@ def _worker(rank, world, workdir, vocab, tokens, topk, dtype_name):
     shard = full[:, start:start + sizes[rank]].clone().requires_grad_(True)
 
     with ByteCounter() as ours:
-        out = vocab_parallel_eaft_loss(shard, labels, topk=topk)
+        out = vocab_parallel_eaft_loss(shard, labels, topk=topk, shift=False)
         out.loss.backward()
     with ByteCounter() as gather:
         local = shard.detach()

@@ -55,14 +55,16 @@ def _distributed(group) -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
 
 
-def shard_layout(local_vocab: int, group=None, vocab_start: Optional[int] = None) -> ShardLayout:
-    """Exchange (start, size) of every rank (2 ints each) and check that the shards tile [0, V)."""
+def shard_layout(local_vocab: int, group=None, vocab_start: Optional[int] = None, device=None) -> ShardLayout:
+    """Exchange (start, size) of every rank (2 ints each) and check that the shards tile [0, V).
+
+    `device`: where the exchange tensor lives (the logits' device: NCCL cannot all-gather CPU tensors)."""
     if not _distributed(group):
         if vocab_start not in (None, 0):
             raise ValueError(f"vocab_start={vocab_start} on a single rank: the shard must start at 0")
         return ShardLayout([0], [local_vocab], 0)
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    mine = torch.tensor([-1 if vocab_start is None else vocab_start, local_vocab], dtype=torch.long)
+    mine = torch.tensor([-1 if vocab_start is None else vocab_start, local_vocab], dtype=torch.long, device=device)
     parts = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(parts, mine, group=group)
     sizes = [int(p[1]) for p in parts]
@@ -88,7 +90,7 @@ def vocab_parallel_eaft_loss(
     options: OptionsLike = None,
     num_items_in_batch: Union[int, torch.Tensor, None] = None,
     reduction: str = "mean",
-    shift: bool = False,
+    shift: bool = True,
     mean_weight: Union[float, torch.Tensor, None] = None,
     token_scale: Optional[torch.Tensor] = None,
     generator: Optional[torch.Generator] = None,
@@ -96,8 +98,9 @@ def vocab_parallel_eaft_loss(
 ) -> EAFTOutput:
     """EAFT loss of vocabulary-sharded logits; equals `eaft_loss` on the concatenated logits.
 
-    logits [..., V_local] (this rank's shard, fp32/bf16/fp16), labels [...] global ids (already
-    shifted unless shift=True; Megatron shifts them in the data loader). vocab_start: this
+    logits [..., V_local] (this rank's shard, fp32/bf16/fp16), labels [...] global ids, unshifted
+    when shift=True (the default of every op); Megatron shifts them in its data loader, so its
+    wiring passes shift=False. vocab_start: this
     rank's first id (default: the sum of the lower ranks' shard sizes). reduction="mean" gives
     sum_t w_t ce_t / N (N = num_items_in_batch or the number of supervised tokens);
     reduction="none" gives the per-token w_t * ce_t (* token_scale), shaped like labels, 0 at
@@ -109,7 +112,7 @@ def vocab_parallel_eaft_loss(
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {list(REDUCTIONS)}, got {reduction!r}")
     check_label_shapes(logits, "logits", "vocabulary", labels, token_scale)
-    layout = shard_layout(logits.size(-1), group, vocab_start)
+    layout = shard_layout(logits.size(-1), group, vocab_start, device=logits.device)
     opts.check_vocab(layout.vocab_size)
     labels, token_scale = align_labels(labels, token_scale, opts, shift, logits.device)
     flat = logits.reshape(-1, logits.size(-1))

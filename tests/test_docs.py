@@ -30,3 +30,22 @@ def test_render_replaces_a_stale_table():
     stale = "x\n<!-- options table: swift -->\n| old |\n<!-- end of options table -->\ny"
     new = doc_tables.render(stale)
     assert "| old |" not in new and "`--eaft_topk`" in new and new.startswith("x\n") and new.endswith("y")
+
+
+def test_loss_md_names_every_statistic_sum():
+    from eaft_plugins.stats import _FIELDS
+
+    text = (DOCS / "loss.md").read_text(encoding="utf-8")
+    assert f"of {['no', 'one', 'two', 'three', 'four', 'five', 'six', 'seven'][len(_FIELDS)]} float64" in text
+    for name in _FIELDS:
+        assert f"`{name}`" in text, name
+
+
+def test_every_doc_a_script_or_page_cites_exists():
+    import re
+
+    root = DOCS.parent
+    sources = list((root / "scripts").glob("*.sh")) + list(DOCS.glob("*.md")) + [root / "README.md"]
+    for path in sources:
+        for cited in re.findall(r"\bdocs/[\w.-]+\.md\b", path.read_text(encoding="utf-8")):
+            assert (root / cited).is_file(), f"{path.name} cites {cited}, which does not exist"

@@ -224,6 +224,7 @@ def test_configure_turns_eaft_on_and_off():
         (dict(loss_type=None, eaft_alpha=0.5), "--eaft_alpha set but --loss_type is None"),
         (dict(loss_type="eaft", eaft_gate="sometimes"), "gate must be one of"),
         (dict(loss_type="eaft", eaft_topk="1"), "topk must be an integer >= 2"),
+        (dict(loss_type="eaft", eaft_fused="true"), "--eaft_fused is for `swift sft`"),
     ],
 )
 def test_configure_refuses(kw, message):
@@ -231,6 +232,18 @@ def test_configure_refuses(kw, message):
 
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         swift_megatron.configure(_args(**kw))
+
+
+def test_topk_above_megatrons_vocabulary_names_the_flag():
+    from eaft_plugins.integrations import swift_megatron
+
+    swift_megatron.configure(_args(loss_type="eaft", eaft_topk="100"))
+    try:
+        swift_megatron._check_vocab(128)
+        with pytest.raises(ValueError, match=r"^--eaft_topk: topk=100 is larger than the vocabulary \(64\)"):
+            swift_megatron._check_vocab(64)
+    finally:
+        swift_megatron.disable()
 
 
 def test_megatron_sft_arguments_accept_eaft_flags():

@@ -126,9 +126,9 @@ def _worker(rank, world, workdir):
         try:
             if case.get("count_bytes"):
                 with counter:
-                    out = vocab_parallel_eaft_loss(shard, case["labels"], **kwargs)
+                    out = vocab_parallel_eaft_loss(shard, case["labels"], **{"shift": False, **kwargs})
             else:
-                out = vocab_parallel_eaft_loss(shard, case["labels"], **kwargs)
+                out = vocab_parallel_eaft_loss(shard, case["labels"], **{"shift": False, **kwargs})
             grad_out = case.get("grad_out")
             (out.loss.backward() if grad_out is None else out.loss.backward(grad_out))
             results[name] = dict(
@@ -250,7 +250,7 @@ def test_single_rank_matches_float64_reference(case, dtype):
     logits, labels = to_device(*_batch(44, scale=6.0), dtype=dtype)
     x = logits.clone().requires_grad_(True)
     kwargs = {("num_items_in_batch" if k == "num_items" else k): v for k, v in case.items()}
-    out = vocab_parallel_eaft_loss(x, labels, **kwargs)
+    out = vocab_parallel_eaft_loss(x, labels, shift=False, **kwargs)
     out.loss.backward()
     want, grad, count = reference_loss(logits, labels, shift=False, **case)
     assert out.loss.item() == pytest.approx(want, rel=1e-5, abs=1e-6)  # bf16 logits are upcast exactly
@@ -264,7 +264,7 @@ def test_single_process_without_distributed_equals_core():
     logits, labels = to_device(*_batch(44))
     a = logits.clone().requires_grad_(True)
     b = logits.clone().requires_grad_(True)
-    out = vocab_parallel_eaft_loss(a, labels)
+    out = vocab_parallel_eaft_loss(a, labels, shift=False)
     ref = eaft_loss(b, labels, shift=False)
     out.loss.backward()
     ref.loss.backward()
@@ -295,7 +295,7 @@ def test_no_full_fp32_copy_of_bf16_logits(topk):
     x = logits.clone().requires_grad_(True)
     mode = _LargestFp32()
     with mode:
-        out = vocab_parallel_eaft_loss(x, labels, topk=topk, chunk_size=16, reduction="none")
+        out = vocab_parallel_eaft_loss(x, labels, topk=topk, chunk_size=16, reduction="none", shift=False)
         out.loss.backward(torch.ones_like(out.loss))
     assert x.grad.dtype == torch.bfloat16
     assert mode.largest <= 16 * 500, mode.largest  # one chunk, never [tokens, vocab]

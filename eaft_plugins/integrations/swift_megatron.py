@@ -97,7 +97,9 @@ def eaft_language_model_loss(model, labels, logits):
         from megatron.core import parallel_state
 
         group = parallel_state.get_tensor_model_parallel_group()
-    out = vocab_parallel_eaft_loss(logits, labels.transpose(0, 1), group=group, options=_options, reduction="none")
+    # Megatron's data loader has shifted the labels already.
+    out = vocab_parallel_eaft_loss(logits, labels.transpose(0, 1), group=group, options=_options, reduction="none",
+                                   shift=False)
     _last_stats = out.stats
     return out.loss.transpose(0, 1).contiguous()
 
