@@ -385,8 +385,8 @@ def test_fused_on_an_unsupported_family_stops_before_training(smollm2_dir, data_
     cfg = train_config(gpt2, data_dir, tmp_path / "out", steps=1, cutoff_len=64, eaft_fused=True)
     proc = run_train(write_yaml(cfg, tmp_path / "gpt2.yaml"), check=False, capture_output=True, timeout=600)
     assert proc.returncode != 0
-    assert ("LLaMA-Factory key `eaft_fused`: fused EAFT (eaft_fused) supports LlamaForCausalLM, Qwen2ForCausalLM, "
-            "Qwen3ForCausalLM; got GPT2LMHeadModel") in proc.stderr
+    assert ("`eaft_fused: true`: fused EAFT supports LlamaForCausalLM, Qwen2ForCausalLM, "
+            "Qwen3ForCausalLM; got GPT2LMHeadModel; or set `eaft_fused: false`") in proc.stderr
     assert not (tmp_path / "out" / "trainer_state.json").exists()
 
 

@@ -41,7 +41,6 @@ class EAFTLoss(BaseLoss):
         self.fused_requested = self.run.config.fused
         self._keep_logits = False
         self._forward = None
-        self._logs = {}
         if trainer is None:
             return
         task_type = getattr(trainer, "task_type", "causal_lm")
@@ -50,7 +49,7 @@ class EAFTLoss(BaseLoss):
         _check_sequence_parallel(trainer)
         if self.log_metrics:
             for mode in ("train", "eval"):
-                log = self._logs[mode] = _MetricLog(self.run, mode, args)
+                log = _MetricLog(self.run, mode, args)
                 for key in METRIC_KEYS:  # on every rank, so the ranks' metric keys always agree
                     trainer.custom_metrics[mode][key] = _Metric(log, key)
 
