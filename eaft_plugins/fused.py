@@ -32,7 +32,7 @@ from typing import Optional, Union
 import torch
 
 from .entropy import chunk_scores, finish_weights
-from .loss import (EAFTOutput, _denominator, _row_chunks, align_labels, ce_grad_rows, check_finite, check_label_shapes,
+from .loss import (EAFTOutput, loss_denominator, row_chunks, align_labels, ce_grad_rows, check_finite, check_label_shapes,
                    compute_dtype, supervised_rows)
 from .options import EAFTOptions, OptionsLike, make_options
 from .stats import EAFTStats
@@ -106,7 +106,7 @@ class _FusedLinearEAFT(torch.autograd.Function):
         want = [grad_on and need for need in ctx.needs_input_grad]  # no gradient work under no_grad (eval)
         with torch.no_grad(), torch.autocast(flat.device.type, enabled=False):
             run = _Chunks(flat, weight, bias, idx, y, rows, mm_dtype, want[0], want[1], want[2] and bias is not None)
-            denom = _denominator(num_items, idx.numel(), flat.device)
+            denom = loss_denominator(num_items, idx.numel(), flat.device)
             n = idx.numel()
             lse = flat.new_empty(n, dtype=compute_dtype(mm_dtype))
             ce, h_norm, coef = torch.empty_like(lse), torch.empty_like(lse), torch.empty_like(lse)
@@ -193,7 +193,7 @@ class _Chunks:
 
     def chunks(self):
         if self.idx.numel():
-            yield from _row_chunks(self.idx, self.rows)
+            yield from row_chunks(self.idx, self.rows)
 
     def logits(self, start, stop, first):
         """fp32 logits of the chunk (a buffer reused by the next chunk)."""

@@ -58,7 +58,7 @@ def eaft_loss(
     w, stats = finish_weights(h_norm, ce, opts, mean_weight, generator)
     if token_scale is not None:
         w = w * token_scale.reshape(-1).to(w.device, w.dtype)[idx]
-    coef = w / _denominator(num_items_in_batch, idx.numel(), w.device)
+    coef = w / loss_denominator(num_items_in_batch, idx.numel(), w.device)
     value = (coef * ce).sum()
     loss = _WeightedCE.apply(flat, idx, y, lse, coef, value, opts.rows_per_chunk(flat.size(1)))
     return EAFTOutput(loss, stats)
@@ -141,14 +141,18 @@ def check_finite(lse: torch.Tensor, ce: torch.Tensor, h_norm: torch.Tensor) -> N
         raise ValueError(f"logits contain NaN or inf at {n_bad} of {bad.numel()} supervised tokens")
 
 
-def _denominator(num_items_in_batch, n_supervised: int, device) -> torch.Tensor:
+# Chunk helpers shared by the dense, fused and vocab-parallel ops.
+
+
+def loss_denominator(num_items_in_batch, n_supervised: int, device) -> torch.Tensor:
+    """N of sum_t w_t ce_t / N: num_items_in_batch when given, else the supervised tokens (at least 1)."""
     if num_items_in_batch is None:
         return torch.tensor(float(max(n_supervised, 1)), device=device)
     n = torch.as_tensor(num_items_in_batch, device=device).float()
     return n.clamp_min(1.0)
 
 
-def _row_chunks(idx: torch.Tensor, rows: int):
+def row_chunks(idx: torch.Tensor, rows: int):
     """Yield (start, stop) over idx, and whether that piece is one contiguous run of rows."""
     idx_cpu = idx.cpu()
     for start in range(0, idx.numel(), rows):
@@ -162,7 +166,7 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _gather(
+def gather_rows(
     flat: torch.Tensor, idx: torch.Tensor, start: int, stop: int, first: Optional[int], out: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
     """Rows idx[start:stop] of flat in the compute dtype; `out` ([>= rows, V], compute dtype) is
@@ -194,8 +198,8 @@ def _scores(flat: torch.Tensor, idx: torch.Tensor, y: torch.Tensor, opts: EAFTOp
     rows = opts.rows_per_chunk(flat.size(1))
     buf, work = _chunk_buffer(flat, n, rows), None
     with torch.no_grad():
-        for start, stop, first in _row_chunks(idx, rows):
-            z = _gather(flat, idx, start, stop, first, out=buf)
+        for start, stop, first in row_chunks(idx, rows):
+            z = gather_rows(flat, idx, start, stop, first, out=buf)
             if z.data_ptr() == buf.data_ptr():
                 scratch = z  # our own copy: logsumexp may overwrite it
             else:  # a view of the caller's logits
@@ -242,13 +246,13 @@ class _WeightedCE(torch.autograd.Function):
         scale = coef * grad_out.to(coef.dtype)
         in_place = grad.dtype == compute_dtype(flat.dtype)
         buf = None
-        for start, stop, first in _row_chunks(idx, ctx.rows):
+        for start, stop, first in row_chunks(idx, ctx.rows):
             if first is not None and in_place:  # write straight into the gradient rows
-                z = _gather(flat, idx, start, stop, first)  # a view
+                z = gather_rows(flat, idx, start, stop, first)  # a view
                 ce_grad_rows(z, lse[start:stop], y[start:stop], scale[start:stop], out=grad.narrow(0, first, stop - start))
                 continue
             buf = _chunk_buffer(flat, idx.numel(), ctx.rows) if buf is None else buf
-            z = _gather(flat, idx, start, stop, first, out=buf)  # our copy
+            z = gather_rows(flat, idx, start, stop, first, out=buf)  # our copy
             g = ce_grad_rows(z, lse[start:stop], y[start:stop], scale[start:stop], out=z)
             if first is not None:
                 grad.narrow(0, first, stop - start).copy_(g)

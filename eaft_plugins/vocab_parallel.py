@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from .entropy import finish_weights, topk_entropy
-from .loss import (EAFTOutput, _denominator, _gather, _row_chunks, align_labels, check_finite, check_label_shapes,
+from .loss import (EAFTOutput, loss_denominator, gather_rows, row_chunks, align_labels, check_finite, check_label_shapes,
                    compute_dtype, supervised_rows)
 from .options import EAFTOptions, OptionsLike, make_options
 
@@ -126,7 +126,7 @@ def vocab_parallel_eaft_loss(
     if token_scale is not None:
         w = w * token_scale.reshape(-1).to(w.device, w.dtype)[idx]
     if reduction == "mean":
-        coef = w / _denominator(num_items_in_batch, idx.numel(), w.device)
+        coef = w / loss_denominator(num_items_in_batch, idx.numel(), w.device)
         value = (coef * ce).sum()
     else:
         coef = w
@@ -146,8 +146,8 @@ def _sharded_scores(flat, idx, y, opts: EAFTOptions, layout: ShardLayout, group,
     h_norm = torch.empty_like(lse)
     divisor = opts.entropy_divisor(layout.vocab_size)  # ln K, or ln of the GLOBAL vocabulary
     with torch.no_grad():
-        for start, stop, first in _row_chunks(idx, rows):
-            z = _gather(flat, idx, start, stop, first)
+        for start, stop, first in row_chunks(idx, rows):
+            z = gather_rows(flat, idx, start, stop, first)
             local_y = y[start:stop] - layout.start
             mine = (local_y >= 0) & (local_y < layout.size)
             z_y = z.gather(1, local_y.clamp(0, layout.size - 1).unsqueeze(1)).squeeze(1)
@@ -212,8 +212,8 @@ class _ShardedWeightedCE(torch.autograd.Function):
         else:
             scale = coef * grad_out.to(coef.dtype)
         size = flat.size(1)
-        for start, stop, first in _row_chunks(idx, ctx.rows):
-            g = torch.exp(_gather(flat, idx, start, stop, first) - lse[start:stop, None])
+        for start, stop, first in row_chunks(idx, ctx.rows):
+            g = torch.exp(gather_rows(flat, idx, start, stop, first) - lse[start:stop, None])
             ly = local_y[start:stop]
             mine = ((ly >= 0) & (ly < size)).nonzero().squeeze(1)
             g[mine, ly[mine]] -= 1.0
