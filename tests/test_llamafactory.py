@@ -414,7 +414,7 @@ def model_for_transformers4(model_dir, dest):
 def test_llamafactory_094_gains_the_flag(smollm2_dir, data_dir, tmp_path):
     """0.9.4 has no use_eaft_loss at all: the plugin adds it and runs our loss."""
     if not LF094.exists():
-        pytest.skip("SKIPPED: needs .venv-lf094 (llamafactory 0.9.4): run scripts/setup_lf094.sh")
+        pytest.skip("SKIPPED: needs .venv-lf094 (llamafactory 0.9.4): run scripts/setup.sh lf094")
     version = subprocess.run([str(LF094), "-c", "import importlib.metadata as m; print(m.version('llamafactory'))"],
                              capture_output=True, text=True).stdout.strip()
     assert version == "0.9.4"

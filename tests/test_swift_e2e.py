@@ -22,7 +22,7 @@ pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[1]
 # ms-swift 4.6 and llamafactory 0.9.5 need different `datasets` releases, so the CLI runs from
-# its own venv (scripts/setup_swift.sh), or from $EAFT_SWIFT_BIN.
+# its own venv (scripts/setup.sh swift), or from $EAFT_SWIFT_BIN.
 SWIFT = os.environ.get("EAFT_SWIFT_BIN") or (
     str(ROOT / ".venv-swift" / "bin" / "swift")
     if (ROOT / ".venv-swift" / "bin" / "swift").exists()
@@ -33,7 +33,7 @@ IGNORE = -100
 
 def _require_swift(datasets_needed=True):
     if SWIFT is None:
-        pytest.skip("SKIPPED: no `swift` CLI: run scripts/setup_swift.sh (builds .venv-swift) or set EAFT_SWIFT_BIN")
+        pytest.skip("SKIPPED: no `swift` CLI: run scripts/setup.sh swift (builds .venv-swift) or set EAFT_SWIFT_BIN")
     if not datasets_needed:
         return
     python = Path(SWIFT).with_name("python")
@@ -44,7 +44,7 @@ def _require_swift(datasets_needed=True):
     if probe.returncode != 0:
         pytest.skip(
             f"SKIPPED: ms-swift 4.6 needs datasets.features.Json (datasets >= 4.1), missing in {python}'s "
-            "environment (llamafactory 0.9.5 pins datasets<=4.0.0): run scripts/setup_swift.sh"
+            "environment (llamafactory 0.9.5 pins datasets<=4.0.0): run scripts/setup.sh swift"
         )
 
 

@@ -1,7 +1,7 @@
 """TRL: the real `SFTTrainer` with `SFTConfig(loss_type="eaft", ...)` on SmolLM2, CPU, a step or two.
 
 Two TRL releases: the one in `.venv` (0.24.x, pinned by llamafactory 0.9.5) and the newest one in
-`.venv-trl` (scripts/setup_trl.sh). The scenarios run as subprocesses of this file (`python
+`.venv-trl` (scripts/setup.sh trl). The scenarios run as subprocesses of this file (`python
 tests/test_trl.py scenarios OUT.json`) under each venv's python, so one pytest process checks both;
 the step-1 numbers are compared with a plain-torch recomputation made by the same subprocess on the
 untrained model and the batch TRL's own collator builds from the same rows.
@@ -303,7 +303,7 @@ def hf_trainer(out_json):
 def _python(venv):
     python = VENVS[venv] / "bin" / "python"
     if not python.exists():
-        setup = "scripts/setup_trl.sh" if venv == "trl-newest" else "scripts/setup.sh"
+        setup = "scripts/setup.sh trl" if venv == "trl-newest" else "scripts/setup.sh"
         pytest.skip(f"SKIPPED: {VENVS[venv].name} is missing (TRL {venv}): run {setup}")
     probe = subprocess.run([str(python), "-c", "import trl, peft; print(trl.__version__)"], capture_output=True,
                            text=True, check=False)
