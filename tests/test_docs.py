@@ -11,7 +11,8 @@ DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 
 @pytest.mark.parametrize("page, kind", [("loss.md", "loss"), ("llamafactory.md", "llamafactory"),
-                                        ("swift.md", "swift"), ("trl.md", "trl")])
+                                        ("swift.md", "swift"), ("megatron.md", "swift"),
+                                        ("trl.md", "trl")])
 def test_every_options_table_is_the_schema(page, kind):
     text = (DOCS / page).read_text(encoding="utf-8")
     assert f"<!-- options table: {kind}" in text, f"{page} lost its generated options table"
