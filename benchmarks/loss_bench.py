@@ -141,18 +141,9 @@ def child(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-    g = torch.Generator().manual_seed(0)
-    n, h, v = args.tokens[0], args.hidden, args.vocab
-    hidden = torch.randn(1, n, h, generator=g).to(dtype)
-    weight = (torch.randn(v, h, generator=g) * (2.5 / h**0.5)).to(dtype)  # logits with std ~2.5
-    labels = torch.randint(0, v, (1, n), generator=g)
+    n = args.tokens[0]
+    leaves, labels = _inputs(args, n, dtype, torch.device("cpu"))
     fn = _loss_fn(args.method, args.mode, args)
-    if args.mode == "loss":
-        with torch.no_grad():
-            leaves = [torch.nn.functional.linear(hidden, weight)]
-        del hidden, weight
-    else:
-        leaves = [hidden, weight]
     trainable = leaves if args.measure == "total" else leaves[:1]  # workspace: d hidden (or d logits) only
     for x in trainable:
         x.requires_grad_()
@@ -211,21 +202,26 @@ def child_cuda(args) -> None:
         print(json.dumps(out), flush=True)
 
 
+def _inputs(args, n, dtype, device):
+    """The same inputs for every method (seed 0): the leaves (logits, or hidden + head weight) and labels."""
+    import torch
+
+    g = torch.Generator(device=device).manual_seed(0)
+    h, v = args.hidden, args.vocab
+    hidden = torch.randn(1, n, h, generator=g, device=device).to(dtype)
+    weight = (torch.randn(v, h, generator=g, device=device) * (2.5 / h**0.5)).to(dtype)  # logits with std ~2.5
+    labels = torch.randint(0, v, (1, n), generator=g, device=device)
+    if args.mode == "loss":
+        with torch.no_grad():
+            return [torch.nn.functional.linear(hidden, weight)], labels
+    return [hidden, weight], labels
+
+
 def _cuda_case(fn, n, dtype, args) -> dict:
     import torch
 
     dev = torch.device("cuda")
-    g = torch.Generator(device=dev).manual_seed(0)  # same inputs for every method
-    h, v = args.hidden, args.vocab
-    hidden = torch.randn(1, n, h, generator=g, device=dev).to(dtype)
-    weight = (torch.randn(v, h, generator=g, device=dev) * (2.5 / h**0.5)).to(dtype)
-    labels = torch.randint(0, v, (1, n), generator=g, device=dev)
-    if args.mode == "loss":
-        with torch.no_grad():
-            leaves = [torch.nn.functional.linear(hidden, weight)]
-        del hidden, weight
-    else:
-        leaves = [hidden, weight]
+    leaves, labels = _inputs(args, n, dtype, dev)
 
     def step():
         for x in leaves:
