@@ -62,7 +62,7 @@ class ByteCounter:
 
 def _worker(rank, world, workdir, vocab, tokens, topk, dtype_name):
     from eaft_plugins import eaft_loss
-    from eaft_plugins.vocab_parallel import vocab_parallel_eaft_loss
+    from eaft_plugins.ops.vocab_parallel import vocab_parallel_eaft_loss
 
     dist.init_process_group("gloo", init_method=f"file://{workdir}/rendezvous", rank=rank, world_size=world)
     sizes = [vocab // world + (1 if r < vocab % world else 0) for r in range(world)]

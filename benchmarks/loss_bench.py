@@ -10,7 +10,7 @@ Methods ("full": from last hidden states [N, H] and the LM head [V, H], gradient
   llamafactory_095  logits as above, then LLaMA-Factory 0.9.5's eaft_loss_func (imported from the
                     installed llamafactory.train.trainer_utils)
   dense_eaft        logits as above, then eaft_plugins.eaft_loss
-  fused_eaft        eaft_plugins.fused.fused_linear_eaft_loss (no logits)
+  fused_eaft        eaft_plugins.ops.fused.fused_linear_eaft_loss (no logits)
   fused_eaft_2pass  the same with weight_norm="mean" and no mean_weight: weights need every token's
                     entropy first, so the op runs two passes (4 matmuls per chunk instead of 3)
   liger_flce        Liger's LigerFusedLinearCrossEntropyLoss, when importable (Triton: needs a GPU)
@@ -94,11 +94,11 @@ def _loss_fn(method: str, mode: str, args):
         def loss(logits, labels):
             return eaft_loss(logits, labels, entropy_norm="upstream").loss
     elif method == "fused_eaft":
-        from eaft_plugins.fused import fused_linear_eaft_loss
+        from eaft_plugins.ops.fused import fused_linear_eaft_loss
 
         return lambda h, w, labels: fused_linear_eaft_loss(h, w, labels, entropy_norm="upstream", chunk_size=args.chunk or None).loss
     elif method == "fused_eaft_2pass":
-        from eaft_plugins.fused import fused_linear_eaft_loss
+        from eaft_plugins.ops.fused import fused_linear_eaft_loss
 
         return lambda h, w, labels: fused_linear_eaft_loss(
             h, w, labels, entropy_norm="upstream", weight_norm="mean", chunk_size=args.chunk or None

@@ -160,6 +160,12 @@ class Setting:
         return f"eaft_{self.name}"
 
     @property
+    def field_type(self):
+        """The type of the framework's key: Optional, since None means "not given" (the default applies)."""
+        value_type = {"topk": str, "float": float, "choice": str, "bool": bool}[self.kind]
+        return Optional[value_type]
+
+    @property
     def default_text(self) -> str:
         if self.kind == "topk" and self.default is None:
             return "full"

@@ -69,7 +69,7 @@ class EAFTRun:
 
     def patch_fused(self, model, keep_logits: bool = False):
         """Patch the model's forward to compute the fused EAFT loss (ValueError, naming the key, when it cannot)."""
-        from .fused_model import patch_model_for_fused_eaft
+        from .ops.hf_patch import patch_model_for_fused_eaft
 
         try:
             self.fused = patch_model_for_fused_eaft(model, self.options, keep_logits=keep_logits)
@@ -103,7 +103,7 @@ class EAFTRun:
     def dense_loss(self, logits, labels, *, training: bool, step: int, device=None, num_items_in_batch=None,
                    shift: bool = True, token_scale=None):
         """The EAFT loss on materialised logits, with the statistics recorded."""
-        from .loss import eaft_loss
+        from .ops.dense import eaft_loss
 
         if logits is None:
             raise ValueError(

@@ -4,7 +4,7 @@
 #
 #   bash scripts/device_check.sh --fetch-wheels    # here, once (needs PyPI): wheels into .cache/device_wheels
 #   bash scripts/device_check.sh                   # on the GPU machine, with .cache/device_wheels carried
-#   bash scripts/device_check.sh --device cpu --tests "tests/test_loss.py" --tokens 64 --hidden 64 --vocab 512
+#   bash scripts/device_check.sh --device cpu --tests "tests/ops/test_dense.py" --tokens 64 --hidden 64 --vocab 512
 #                                                  # CPU dry run (tests/test_device_check.py runs one)
 #
 # Options: --device cuda|cpu (default cuda), --tests "PYTEST ARGS" (default: the four op test files),
@@ -18,7 +18,7 @@ PY=${PYTHON:-python3}
 OUT=${OUT:-$ROOT/outputs/device_check}
 WHEELS=$ROOT/.cache/device_wheels  # ignored by .gitignore's .cache/; `carry` takes it to the device
 DEVICE=cuda
-TESTS="tests/test_loss.py tests/test_fused.py tests/test_fused_model.py tests/test_vocab_parallel.py"
+TESTS="tests/ops/test_dense.py tests/ops/test_fused.py tests/ops/test_hf_patch.py tests/ops/test_vocab_parallel.py"
 BENCH=()
 FETCH=0
 while [ $# -gt 0 ]; do

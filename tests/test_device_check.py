@@ -14,7 +14,7 @@ def test_cpu_dry_run_writes_summary_and_benchmark_json(tmp_path):
     env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable)
     env.pop("EAFT_TEST_DEVICE", None)
     cmd = ["bash", "scripts/device_check.sh", "--device", "cpu",
-           "--tests", "tests/test_loss.py::test_dense_matches_reference tests/test_vocab_parallel.py::test_single_rank_matches_float64_reference",
+           "--tests", "tests/ops/test_dense.py::test_dense_matches_reference tests/ops/test_vocab_parallel.py::test_single_rank_matches_float64_reference",
            "--tokens", "64", "--hidden", "64", "--vocab", "512", "--repeat", "1", "--no-loss-only", "--plot", "",
            "--methods", "torch_ce", "fused_eaft", "cce"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import ast
 import csv
-import http.server
 import importlib.util
 import json
 import math
@@ -15,11 +14,12 @@ import re
 import shlex
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
 import yaml
+
+import teacher
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
@@ -329,7 +329,7 @@ def test_megatron_flags_are_megatron_sft_arguments_fields():
         pytest.skip(f"SKIPPED: ms-swift's Megatron arguments not found at {path}")
     fields = _dataclass_fields("MegatronSftArguments")
     assert {"loss_type", "tensor_model_parallel_size", "global_batch_size", "enable_dft_loss", "model"} <= set(fields)
-    from eaft_plugins.integrations import swift_args  # the plugin that adds --eaft_* to MegatronSftArguments
+    from eaft_plugins.integrations.swift import args as swift_args  # the plugin that adds --eaft_* to MegatronSftArguments
 
     plugin_flags = set(swift_args.FLAGS)
     for d in DOMAINS:
@@ -337,7 +337,7 @@ def test_megatron_flags_are_megatron_sft_arguments_fields():
             _, argv = dry_run(d, "swift_megatron", m)
             for flag, value in flag_dict(argv[2:]).items():
                 if flag.startswith("eaft_"):
-                    assert flag in plugin_flags, f"--{flag}: not a flag of eaft_plugins.integrations.swift_args"
+                    assert flag in plugin_flags, f"--{flag}: not a flag of eaft_plugins.integrations.swift.args"
                     continue
                 assert flag in fields, f"megatron sft has no --{flag}"
                 choices = _literal_choices(fields[flag])
@@ -387,29 +387,6 @@ def test_math_filter_keeps_exactly_the_verified(shared_data):
     assert not build_data.is_correct("\\frac{1}{2}", "so it is \\boxed{0.6}")
 
 
-class _StubOpenAI(http.server.BaseHTTPRequestHandler):
-    """A local stand-in for an OpenAI-compatible server (our test double for the network endpoint):
-    answers each problem from its gold solution, wrongly for every other problem."""
-
-    answers: dict = {}
-    calls: list = []
-
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        assert self.path == "/v1/chat/completions"
-        prompt = body["messages"][0]["content"]
-        type(self).calls.append(prompt)
-        text = type(self).answers[prompt.split("\n\n")[0]]
-        payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]})
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.end_headers()
-        self.wfile.write(payload.encode())
-
-    def log_message(self, *a):
-        pass
-
-
 def test_math_build_data_end_to_end_with_local_endpoint(shared_data, tmp_path):
     pytest.importorskip("math_verify", reason="SKIPPED: needs `pip install math-verify` (see recipes/README.md)")
     gsm = _gsm8k(shared_data, 12)
@@ -420,25 +397,23 @@ def test_math_build_data_end_to_end_with_local_endpoint(shared_data, tmp_path):
         answers[r["question"].strip()] = f"Work.\nThe answer is \\boxed{{{int(gold) + 1 if wrong else gold}}}."
         if not wrong:
             correct.add(r["question"].strip())
-    _StubOpenAI.answers, _StubOpenAI.calls = answers, []
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _StubOpenAI)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    calls = []
+
+    def reply(prompt):
+        calls.append(prompt)
+        return answers[prompt.split("\n\n")[0]]
+
+    with teacher.serve(reply) as url:
         src = tmp_path / "gsm.jsonl"
         src.write_text("".join(json.dumps(r) + "\n" for r in gsm))
-        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
         common = ["--work-dir", str(tmp_path / "work"), "--source", f"gsm8k=local:{src}:question:answer",
                   "--per-source", "12", "--base-url", url, "--workers", "2", "--timeout", "30",
                   "--out-dir", str(tmp_path / "out")]
         assert build_data.main(["all", *common]) == 0
-        assert len(_StubOpenAI.calls) == 12
-        assert all(c.endswith(build_data.INSTRUCTION) for c in _StubOpenAI.calls)
+        assert len(calls) == 12
+        assert all(c.endswith(build_data.INSTRUCTION) for c in calls)
         assert build_data.main(["generate", *common]) == 0  # resumable: nothing left to ask
-        assert len(_StubOpenAI.calls) == 12
-    finally:
-        server.shutdown()
-        thread.join(timeout=10)
+        assert len(calls) == 12
     prompts = [json.loads(l) for l in (tmp_path / "work" / "prompts.jsonl").read_text().splitlines()]
     assert sorted(p["gold"] for p in prompts) == sorted(r["answer"].rsplit("####", 1)[-1].strip().replace(",", "") for r in gsm)
     lf = json.loads((tmp_path / "out" / "eaft_math_19k.json").read_text())
@@ -564,7 +539,7 @@ def _smoke_data(domain, shared_data, data_dir: Path) -> str:
     (data_dir / "dataset_info.json").write_text(json.dumps(info))  # the recipe's own registration
     gen = data_dir / "generated"
     if domain == "math":
-        from eaft_plugins.mathgen import generate as mathgen, write_alpaca
+        from eaft_plugins.tools.mathgen import generate as mathgen, write_alpaca
 
         write_alpaca(mathgen(16, seed=0), gen / "eaft_math_19k.json")
         return "eaft_math_19k"

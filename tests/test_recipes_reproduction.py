@@ -3,17 +3,17 @@ AIME repeats, output names, multi-node address, template per model, truncation a
 
 from __future__ import annotations
 
-import http.server
 import importlib.util
 import json
 import os
 import re
 import shlex
 import subprocess
-import threading
 from pathlib import Path
 
 import pytest
+
+import teacher
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
@@ -341,47 +341,22 @@ def test_with_retries_backs_off_then_raises():
         build_data.with_retries(lambda: (_ for _ in ()).throw(OSError("down")), retries=2, backoff=1, sleep=waits.append)
 
 
-class _FlakyTeacher(http.server.BaseHTTPRequestHandler):
-    """Local stand-in for the teacher: each prompt fails its first request with 500; `dead` prompts always fail."""
-
-    seen: dict = {}
-    dead: set = set()
-
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        q = body["messages"][0]["content"].split("\n\n")[0]
-        n = type(self).seen[q] = type(self).seen.get(q, 0) + 1
-        if n == 1 or q in type(self).dead:
-            self.send_response(500)
-            self.end_headers()
-            return
-        payload = json.dumps({"choices": [{"message": {"content": f"\\boxed{{{q}}}"}, "finish_reason": "stop"}]})
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.end_headers()
-        self.wfile.write(payload.encode())
-
-    def log_message(self, *a):
-        pass
-
-
 def test_generate_retries_and_keeps_what_succeeded(tmp_path):
-    _FlakyTeacher.seen, _FlakyTeacher.dead = {}, {"q3"}
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FlakyTeacher)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    seen, dead = {}, {"q3"}
+
+    def reply(prompt):  # each prompt fails its first request with 500; `dead` prompts always fail
+        q = prompt.split("\n\n")[0]
+        n = seen[q] = seen.get(q, 0) + 1
+        return None if n == 1 or q in dead else f"\\boxed{{{q}}}"
+
+    with teacher.serve(reply) as url:
         prompts = [{"id": f"p{i}", "question": f"q{i}", "gold": str(i)} for i in range(6)]
         out = tmp_path / "responses.jsonl"
         kw = dict(base_url=url, model="t", workers=3, timeout=10, retries=2, backoff=0.01)
         assert build_data.generate(prompts, out, **kw) == (5, 1)
         rows = [json.loads(l) for l in out.read_text().splitlines()]
         assert sorted(r["id"] for r in rows) == ["p0", "p1", "p2", "p4", "p5"]
-        assert _FlakyTeacher.seen["q3"] == 3 and _FlakyTeacher.seen["q0"] == 2  # 1 + 2 retries; 1 failure + success
-        _FlakyTeacher.dead = set()
+        assert seen["q3"] == 3 and seen["q0"] == 2  # 1 + 2 retries; 1 failure + success
+        dead.clear()
         assert build_data.generate(prompts, out, **kw) == (1, 0)  # a rerun asks only for the missing one
         assert sorted(json.loads(l)["id"] for l in out.read_text().splitlines()) == [f"p{i}" for i in range(6)]
-    finally:
-        server.shutdown()
-        thread.join(timeout=10)

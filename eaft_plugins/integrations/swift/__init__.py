@@ -1,0 +1,111 @@
+"""ms-swift integration: `swift sft --loss_type eaft [--eaft_* ...]` works after `pip install eaft-plugins`.
+
+ms-swift 4.6 has no EAFT and no plugin discovery of its own; `swift sft` re-runs itself in a
+subprocess (or under torchrun), and every such Python process starts the bootstrap of
+`eaft_plugins.pth`, which calls `activate()` when `swift` is first imported. `activate()` only
+arms import hooks; the patches happen when ms-swift imports the modules concerned:
+
+* `swift.loss.mapping`: adds `loss_map["eaft"]` (looked up by name when the trainer is built);
+* `swift.arguments.sft_args`: adds the `--eaft_*` fields to SftArguments (see .args);
+* `swift.trainers.seq2seq_trainer`: at the end of Seq2SeqTrainer.__init__ (the model is set by
+  then, training has not started), an EAFT loss checks `--eaft_topk` against the vocabulary and,
+  with `--eaft_fused true`, patches the model and the trainer's compute_loss
+  (`EAFTLoss.bind_trainer`); nothing changes for other losses.
+
+Megatron (`megatron sft`) is wired by `.megatron` (docs/megatron.md).
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+from ... import _bootstrap
+from ...activation import guarded, record_error, record_patch
+from .args import LOSS_TYPE
+
+NAME = "swift"
+# The modules whose import applies the patches (`import swift` alone is lazy and patches nothing yet).
+DOCTOR_IMPORTS = ("swift.loss.mapping", "swift.arguments.sft_args", "swift.trainers.seq2seq_trainer")
+
+
+_deferred_mapping = None
+
+
+def _register_loss(mapping) -> None:
+    global _deferred_mapping
+    ours = sys.modules.get(f"{__name__}.loss")
+    if ours is not None and not hasattr(ours, "EAFTLoss"):
+        # Our .loss is importing swift.loss right now (it was imported first): it registers at its end.
+        _deferred_mapping = mapping
+        return
+    from .loss import EAFTLoss
+
+    existing = mapping.loss_map.get(LOSS_TYPE)
+    if existing is not None and existing is not EAFTLoss:
+        record_error(NAME, f"swift.loss.mapping.loss_map[{LOSS_TYPE!r}] already holds {existing!r}; left as is")
+        return
+    mapping.loss_map[LOSS_TYPE] = EAFTLoss
+    record_patch(NAME, f"swift.loss.mapping.loss_map[{LOSS_TYPE!r}] = EAFTLoss")
+
+
+def register_deferred() -> None:
+    """Called at the end of .loss: the registration that had to wait for EAFTLoss."""
+    global _deferred_mapping
+    mapping, _deferred_mapping = _deferred_mapping, None
+    if mapping is not None:
+        _guarded("registering loss_map['eaft']", _register_loss)(mapping)
+
+
+def _extend_arguments(sft_args) -> None:
+    from .args import FLAGS, extend_sft_arguments
+
+    extend_sft_arguments(sft_args.SftArguments)
+    record_patch(NAME, f"swift.arguments.SftArguments: --{' --'.join(FLAGS)}")
+
+
+def _patch_trainer(seq2seq_trainer) -> None:
+    cls = seq2seq_trainer.Seq2SeqTrainer
+    if cls.__dict__.get("_eaft_plugins", False):
+        return
+    original = cls.__init__
+
+    @functools.wraps(original)
+    def __init__(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        from .loss import EAFTLoss
+
+        loss = getattr(self, "compute_loss_func", None)
+        if isinstance(loss, EAFTLoss):
+            loss.bind_trainer(self)  # top-K vs vocabulary; with --eaft_fused, the fused forward
+
+    cls.__init__ = __init__
+    cls._eaft_plugins = True
+    record_patch(NAME, "swift.trainers.Seq2SeqTrainer.__init__: EAFT loss bound to the model (--eaft_topk check, --eaft_fused)")
+
+
+def runtime_problems() -> list:
+    """What stops `swift sft` in this environment although ms-swift imports (shown by doctor)."""
+    try:
+        from datasets.features import Json  # noqa: F401  ms-swift 4.6 imports it when it preprocesses a dataset
+    except ImportError:
+        from ...activation import distribution_version
+
+        return [f"`swift sft` cannot run here: ms-swift {distribution_version('ms-swift')} imports "
+                f"datasets.features.Json (datasets >= 4.1), found datasets {distribution_version('datasets')} "
+                "(llamafactory 0.9.5 pins datasets<=4.0.0). Run swift from its own environment: "
+                "pip install 'eaft-plugins[swift]' there (this checkout: .venv-swift)"]
+    return []
+
+
+def _guarded(what, callback):
+    return guarded(NAME, what, callback)
+
+
+def activate() -> None:
+    _bootstrap.when_imported("swift.loss.mapping", _guarded("registering loss_map['eaft']", _register_loss))
+    _bootstrap.when_imported("swift.arguments.sft_args", _guarded("adding --eaft_* flags", _extend_arguments))
+    _bootstrap.when_imported("swift.trainers.seq2seq_trainer", _guarded("hooking Seq2SeqTrainer for --eaft_fused", _patch_trainer))
+    from . import megatron
+
+    megatron.activate()

@@ -1,0 +1,214 @@
+"""`--loss_type eaft` for ms-swift's Seq2SeqTrainer: the object registered as loss_map['eaft'].
+
+The trainer calls it as `loss(outputs, labels, num_items_in_batch=..., loss_scale=..., trainer=...)`
+with unshifted labels. When ms-swift's per-token `loss_scale` is present, Seq2SeqTrainer has already
+rolled it by one position and flattened it (`torch.roll(loss_scale, -1, -1).view(-1)`), i.e. it is
+aligned with the shifted labels, as in swift's own CustomCrossEntropyLoss; so the labels are shifted
+here and the core is called with shift=False.
+
+`--eaft_fused true`: the loss object is still created here (ms-swift builds it before the trainer
+has its model), then `bind_trainer` runs at the end of Seq2SeqTrainer.__init__ (a hook installed by
+the swift integration): it patches the model's forward with `patch_model_for_fused_eaft` (clear
+ValueError for unsupported models, before training) and gives that trainer instance a
+`compute_loss` that calls the model with the labels, so the EAFT loss comes from the hidden states
+and the LM head and no logits are built (see `_FusedComputeLoss`).
+"""
+
+from __future__ import annotations
+
+from swift.loss.base import BaseLoss
+
+from ...ops.common import shift_labels
+from ...options import EAFTConfig
+from ...run import EAFTRun, metric_names, metric_values
+from .args import LOSS_TYPE, SPELLING
+
+METRIC_KEYS = metric_names("train")
+
+
+class EAFTLoss(BaseLoss):
+    """EAFT for `swift sft --loss_type eaft`; the config comes from the --eaft_* flags (see .args).
+
+    The per-trainer state (weight_norm divisor, statistics, fused handle) is an EAFTRun, shared in
+    shape and rules with every other integration.
+    """
+
+    def __init__(self, args, trainer):
+        super().__init__(args, trainer)
+        if self.is_megatron:
+            raise ValueError("this EAFT loss is for `swift sft`; `megatron sft` has its own wiring (docs/megatron.md)")
+        self.run = EAFTRun(getattr(args, "eaft_config", None) or EAFTConfig(), SPELLING)
+        self.fused_requested = self.run.config.fused
+        self._keep_logits = False
+        self._forward = None
+        if trainer is None:
+            return
+        task_type = getattr(trainer, "task_type", "causal_lm")
+        if task_type != "causal_lm":
+            raise ValueError(f"--loss_type {LOSS_TYPE} needs --task_type causal_lm, got {task_type!r}")
+        _check_sequence_parallel(trainer)
+        if self.log_metrics:
+            for mode in ("train", "eval"):
+                log = _MetricLog(self.run, mode, args)
+                for key in METRIC_KEYS:  # on every rank, so the ranks' metric keys always agree
+                    trainer.custom_metrics[mode][key] = _Metric(log, key)
+
+    options = property(lambda self: self.run.options)
+    log_metrics = property(lambda self: self.run.log_metrics)
+    fused = property(lambda self: self.run.fused)
+    mean_weight = property(lambda self: self.run.mean_weight)
+
+    def __call__(self, outputs, labels, *, num_items_in_batch=None, loss_scale=None, **kwargs):
+        trainer = kwargs.get("trainer") or self.trainer
+        if self.fused_requested and trainer is not None:
+            raise RuntimeError(
+                "--eaft_fused true is set, but the trainer computed the loss from the logits: the fused EAFT path "
+                "was not installed on this trainer (run `python -m eaft_plugins doctor`); never falling back "
+                "to the dense loss silently. Drop --eaft_fused or fix the installation."
+            )
+        logits = getattr(outputs, "logits", outputs)
+        if trainer is not None:
+            _check_sequence_parallel(trainer)
+        labels = shift_labels(labels, self.options.ignore_index)
+        token_scale = None if loss_scale is None else loss_scale.reshape(labels.shape)  # already shifted
+        training = trainer is not None and trainer.model.training
+        step = trainer.state.global_step if trainer is not None else 0
+        return self.run.dense_loss(logits, labels, training=training, step=step, num_items_in_batch=num_items_in_batch,
+                                   shift=False, token_scale=token_scale)
+
+    def bind_trainer(self, trainer) -> None:
+        """At the end of Seq2SeqTrainer.__init__ (model set, no step taken): check the top-K against the
+        vocabulary, and with --eaft_fused patch the model and the trainer's compute_loss.
+
+        Raises ValueError, before any training step, for what cannot be honoured.
+        """
+        self.run.check_vocab(trainer.model)
+        if not self.fused_requested or self.fused is not None:
+            return
+        args = trainer.args
+        if getattr(args, "enable_channel_loss", False):
+            raise ValueError(
+                "--eaft_fused true with --enable_channel_loss: the per-channel losses need per-token losses from "
+                "the logits, which the fused path never builds; drop one of the two."
+            )
+        _check_sequence_parallel(trainer)
+        from swift.template import Template
+
+        own = getattr(type(trainer.template), "compute_sft_loss", None)
+        if own is not None and own is not Template.compute_sft_loss:
+            raise ValueError(
+                f"--eaft_fused true: the template {type(trainer.template).__name__} computes its own loss "
+                "(compute_sft_loss), which the fused path would bypass; drop --eaft_fused."
+            )
+        # Logits only where an eval metric consumes them (under no_grad), never for training.
+        self._keep_logits = trainer.compute_metrics is not None
+        self._patch(trainer.model)
+        trainer.compute_loss = _FusedComputeLoss(self, trainer)
+
+    def _patch(self, model):
+        self.run.patch_fused(model, keep_logits=self._keep_logits)
+        self._forward = self.fused.model.__dict__["forward"]
+
+    def _fused_handle(self):
+        """The handle, re-patching the model if its forward was replaced since (Liger's instance-level
+        patch, applied by Trainer.train() after __init__, does that): the fused forward always wins."""
+        lm = self.fused.model
+        if lm.__dict__.get("forward") is not self._forward or lm.__dict__.get("eaft_fused") is not self.fused:
+            self._patch(lm)
+        return self.fused
+
+
+class _FusedComputeLoss:
+    """Seq2SeqTrainer.compute_loss for --eaft_fused, set on the trainer instance by `bind_trainer`.
+
+    What ms-swift's compute_loss does for a loss_type, with the loss computed inside the model's
+    forward: the labels (and loss_scale, unshifted, as eaft_token_scale) go to the model with
+    num_items_in_batch, the EAFT stats come back on the outputs, then the same aux_loss metric,
+    `average_tokens_across_devices` factor and (with logits, eval metrics only) token accuracy.
+    """
+
+    def __init__(self, loss: EAFTLoss, trainer):
+        self.loss = loss
+        self.trainer = trainer
+
+    def __call__(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        trainer, eaft = self.trainer, self.loss
+        inputs.pop("compute_loss_func", None)
+        loss_scale = inputs.pop("loss_scale", None)  # aligned with the unshifted labels (swift rolls it later)
+        text_position_ids = inputs.pop("text_position_ids", None)
+        if text_position_ids is None:
+            text_position_ids = inputs.get("position_ids")
+        inputs.pop("channel", None)
+        inputs.pop("skip_logits", None)  # Trainer.prediction_step's Liger flag: this forward never builds logits anyway
+        labels = inputs.pop("labels", None)
+        if labels is None:
+            raise ValueError("--eaft_fused true: the batch has no labels, so the model would compute no EAFT loss")
+        _check_sequence_parallel(trainer)
+        eaft._fused_handle()
+        training = trainer.model.training
+        mode = "train" if training else "eval"
+        eaft.run.begin_fused(training, trainer.state.global_step, labels.device)
+        outputs = model(**inputs, labels=labels, num_items_in_batch=num_items_in_batch, eaft_token_scale=loss_scale)
+        eaft.run.end_fused(training)
+        if getattr(outputs, "aux_loss", None) is not None:
+            trainer.custom_metrics[mode]["aux_loss"].update(outputs.aux_loss)
+        if getattr(trainer.args, "past_index", -1) >= 0:
+            trainer._past = outputs[trainer.args.past_index]
+        loss = outputs.loss
+        if (getattr(trainer.args, "average_tokens_across_devices", False) and trainer.model_accepts_loss_kwargs
+                and num_items_in_batch is not None):
+            loss = loss * trainer.accelerator.num_processes
+        if outputs.logits is not None and trainer.args.tuner_backend != "unsloth":
+            cu_seqlens = None
+            if trainer.template.padding_free and trainer.args.acc_strategy == "seq":
+                cu_seqlens = trainer.get_cu_seqlens(text_position_ids, inputs.get("logits_to_keep"))
+            trainer._compute_acc(outputs, labels, cu_seqlens=cu_seqlens)
+        return (loss, outputs) if return_outputs else loss
+
+
+def _check_sequence_parallel(trainer) -> None:
+    template = getattr(trainer, "template", None)
+    size = getattr(template, "sequence_parallel_size", 1) or 1
+    if size > 1:
+        raise ValueError(
+            f"--loss_type {LOSS_TYPE} does not support sequence parallel (sequence_parallel_size={size}); "
+            "set --sequence_parallel_size 1."
+        )
+
+
+class _MetricLog:
+    """One mode's EAFT metrics: reduced over ranks once per log round, read by four keys."""
+
+    def __init__(self, run: EAFTRun, mode: str, args):
+        self.run, self.mode, self._args = run, mode, args
+        self._values = {}
+        self._unread = set()
+
+    def value(self, key):
+        # ms-swift computes every metric key, in sorted order, on every rank at each log: the first
+        # EAFT key of a round does the (collective) reduction, the other three read its result.
+        # ms-swift adds the eval_ prefix itself, so both modes use the train names.
+        if key not in self._unread:
+            self._values = metric_values(self.run.acc[self.mode].pop(device=self._args.device))
+            self._unread = set(METRIC_KEYS)
+        self._unread.discard(key)
+        return self._values.get(key)  # None (not logged) when no token was supervised
+
+
+class _Metric:
+    """What ms-swift's `custom_metrics` needs of a metric: compute() and reset() (None is not logged)."""
+
+    def __init__(self, log: _MetricLog, key: str):
+        self.log = log
+        self.key = key
+
+    def compute(self):
+        return self.log.value(self.key)
+
+    def reset(self):
+        pass
+
+
+from . import register_deferred  # noqa: E402  (after EAFTLoss exists)
+
+register_deferred()

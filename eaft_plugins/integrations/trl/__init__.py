@@ -1,0 +1,263 @@
+"""TRL: `SFTTrainer` with `SFTConfig(loss_type="eaft", eaft_topk=20, ...)`, and `trl sft --loss_type eaft`.
+
+Activated by the `.pth` bootstrap when `trl` is imported (entry point `trl` of `eaft_plugins.frameworks`):
+
+* `trl.trainer.sft_config` is imported -> every setting of `options.SETTINGS` becomes an `SFTConfig` field
+  (`eaft_topk`, ..., `eaft_fused`; default None = "not given", help from the schema) and "eaft" a choice of
+  `loss_type`. The fields are added in place to the class, right after its module ran, so TRL's own
+  TrlParser (the `trl sft` CLI and its YAML config), `SFTConfig(...)` and subclasses created afterwards
+  all see them. `SFTConfig.__post_init__` refuses an `eaft_*` field without `loss_type="eaft"` (even at its
+  default value), a bad value (naming the field), and `loss_type="eaft"` on an untested TRL release.
+* `trl.trainer.sft_trainer` is imported -> `SFTTrainer.__init__` builds TRL's trainer as for "nll" (so the
+  dataset, labels, completion / assistant masks, packing and PEFT are prepared exactly as for "nll") and
+  then binds one `EAFTHook` (an `EAFTRun`) to it; `compute_loss` and `log` delegate to it for that trainer.
+  The loss reads the `labels` TRL built and passes `num_items_in_batch` like TRL's "nll" does; TRL's own
+  metrics (entropy, mean_token_accuracy, num_tokens) are still recorded from the same forward.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import types
+from typing import Dict, Optional
+
+from ... import _bootstrap
+from ...activation import distribution_version, guarded, record_error, record_patch
+from ..fields import add_fields
+from ...options import SETTINGS, EAFTConfig, Spelling, config_from_keys
+
+NAME = "trl"
+LOSS_TYPE = "eaft"
+SPELLING = Spelling("SFTConfig field `{key}` (--{key})", "{key}={value}")
+SHOWN_LOSS = 'loss_type="eaft"'
+# (release prefix, why it is supported). Others: loss_type="eaft" is refused, naming these.
+SUPPORTED = (("0.24", "the release LLaMA-Factory 0.9.5 pins"), ("1.16", "the newest release, tested"))
+SUPPORTED_TEXT = " and ".join(f"{v}.x ({why})" for v, why in SUPPORTED)
+DOCTOR_IMPORTS = ("trl.trainer.sft_config", "trl.trainer.sft_trainer")
+
+FIELDS = {s.key: (s.field_type, f"EAFT (with loss_type='eaft'): {s.help} (default {s.default_text})")
+          for s in SETTINGS}
+
+
+def trl_version() -> Optional[str]:
+    return distribution_version("trl")
+
+
+def version_supported(version: Optional[str]) -> bool:
+    if version is None:
+        return False
+    parts = version.split(".")
+    return any(parts[:2] == prefix.split(".") for prefix, _ in SUPPORTED)
+
+
+@functools.lru_cache(maxsize=None)
+def is_new_trl() -> bool:
+    """TRL >= 1: SFTTrainer's own loss runs through its fused LM head (no logits). Read once per process."""
+    try:
+        return int((distribution_version("trl") or "0").split(".")[0]) >= 1
+    except ValueError:
+        return False
+
+
+def given_fields(args) -> Dict[str, object]:
+    """The eaft_* fields that were set (not None) on an SFTConfig."""
+    return {f: getattr(args, f, None) for f in FIELDS if getattr(args, f, None) is not None}
+
+
+def check_config(args) -> Optional[EAFTConfig]:
+    """Refuse an SFTConfig under which EAFT would not be applied; return the config (None: EAFT off)."""
+    fields = given_fields(args)
+    loss_type = getattr(args, "loss_type", None)
+    if loss_type != LOSS_TYPE:
+        if fields:
+            raise ValueError(
+                f"{', '.join(f'SFTConfig field `{f}`' for f in fields)} set but loss_type={loss_type!r}: EAFT "
+                f"settings only apply with loss_type='{LOSS_TYPE}' (--loss_type {LOSS_TYPE}). Set it, or drop them.")
+        return None
+    version = trl_version()
+    if not version_supported(version):
+        raise ValueError(
+            f"{SHOWN_LOSS}: eaft-plugins supports TRL {SUPPORTED_TEXT}; found trl {version}. Install a supported "
+            "release, e.g. pip install 'trl==1.16.0' (or 'trl==0.24.0'), or use another loss_type.")
+    config = config_from_keys({f[len("eaft_"):]: v for f, v in fields.items()}, SPELLING)
+    if getattr(args, "use_liger_kernel", False) and not config.fused:
+        raise ValueError(
+            f"{SHOWN_LOSS} with use_liger_kernel=True: the dense EAFT loss needs the full logits, which Liger's "
+            "fused cross-entropy exists to avoid. Set eaft_fused=True (--eaft_fused true: fused EAFT from the "
+            "hidden states and the LM head; Liger's other kernels stay) or use_liger_kernel=False.")
+    if (getattr(args, "label_smoothing_factor", 0) or 0) > 0:
+        raise ValueError(
+            f"{SHOWN_LOSS} with label_smoothing_factor={args.label_smoothing_factor}: EAFT replaces the loss, so the "
+            "smoothing would be dropped silently; set label_smoothing_factor=0.")
+    pc = getattr(args, "parallelism_config", None)
+    for attr, what in (("cp_enabled", "context parallelism"), ("sp_enabled", "sequence parallelism"),
+                       ("tp_enabled", "tensor parallelism")):
+        if pc is not None and getattr(pc, attr, False):
+            raise ValueError(
+                f"{SHOWN_LOSS} does not support {what} (parallelism_config.{attr.replace('_enabled', '_size')} > 1): "
+                "the EAFT loss needs each token's full-vocabulary logits once per data-parallel rank; drop it.")
+    return config
+
+
+# ---- SFTConfig fields ------------------------------------------------------------------------------
+
+
+def extend_sft_config(cls) -> None:
+    """Add FIELDS to the SFTConfig dataclass in place, add "eaft" to loss_type's choices, check in __post_init__."""
+    if not add_fields(cls, FIELDS, _add_loss_type_choice):
+        return
+
+    original = cls.__post_init__
+
+    @functools.wraps(original)
+    def __post_init__(self, *a, **kw):
+        check_config(self)  # bad settings fail before the (slower) TrainingArguments set-up
+        original(self, *a, **kw)
+
+    cls.__post_init__ = __post_init__
+
+
+def _add_loss_type_choice(cls, annotations: dict, own_fields: dict) -> None:
+    """'eaft' among loss_type's choices (TRL 1.x checks them) and in its help."""
+    loss_field = own_fields.get("loss_type")
+    if loss_field is None:
+        return
+    meta = dict(loss_field.metadata)
+    if "choices" in meta and LOSS_TYPE not in meta["choices"]:
+        meta["choices"] = list(meta["choices"]) + [LOSS_TYPE]
+    meta["help"] = (meta.get("help", "") + f" '{LOSS_TYPE}': Entropy-Adaptive Fine-Tuning (eaft-plugins; "
+                    "its settings are the eaft_* fields).").strip()
+    loss_field.metadata = types.MappingProxyType(meta)
+    if "loss_type" not in annotations:  # inherited: declare it here so the new metadata is used
+        annotations["loss_type"] = loss_field.type
+        setattr(cls, "loss_type", loss_field)
+
+
+# ---- SFTTrainer ------------------------------------------------------------------------------------
+
+
+def patch_sft_trainer(cls) -> None:
+    """Wrap SFTTrainer.__init__ / compute_loss / log; a trainer without loss_type="eaft" is untouched."""
+    if getattr(cls, "_eaft_patched", False):
+        return
+    init, compute_loss, log = cls.__init__, cls.compute_loss, cls.log
+    signature = inspect.signature(init)
+
+    @functools.wraps(init)
+    def __init__(self, *a, **kw):
+        bound = signature.bind(self, *a, **kw)
+        args = bound.arguments.get("args")
+        config = check_config(args) if args is not None else None
+        if config is None:
+            return init(self, *a, **kw)
+        if type(self) is not cls and type(self).__module__.startswith("trl."):
+            raise ValueError(f"{SHOWN_LOSS} is for SFTTrainer; {type(self).__name__} computes its own loss")
+        if bound.arguments.get("compute_loss_func") is not None:
+            raise ValueError(f"{SHOWN_LOSS} with a compute_loss_func: both replace the loss; pass only one of the two")
+        args.loss_type = "nll"  # TRL prepares data, labels, PEFT and collator exactly as for its own "nll"
+        try:
+            init(self, *a, **kw)
+        finally:
+            args.loss_type = LOSS_TYPE
+        self.args.loss_type = LOSS_TYPE
+        from ..hf_trainer import EAFTHook
+
+        hook = EAFTHook(config, SPELLING, SHOWN_LOSS, extra_metrics=_trl_metrics)
+        hook.bind(self)
+        self._eaft = hook
+
+    @functools.wraps(compute_loss)
+    def eaft_compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        hook = self.__dict__.get("_eaft")
+        if hook is None:
+            return compute_loss(self, model, inputs, return_outputs=return_outputs,
+                                num_items_in_batch=num_items_in_batch)
+        if self.args.loss_type != LOSS_TYPE:
+            raise ValueError(f"trainer built with {SHOWN_LOSS}, but args.loss_type is now {self.args.loss_type!r}")
+        inputs["use_cache"] = False
+        if getattr(self, "aux_loss_enabled", False) and is_new_trl():
+            inputs["output_router_logits"] = True
+        return hook.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+
+    @functools.wraps(log)
+    def eaft_log(self, logs, *a, **kw):
+        hook = self.__dict__.get("_eaft")
+        if hook is not None:
+            hook.log_metrics(self, logs)
+        return log(self, logs, *a, **kw)
+
+    cls.__init__ = __init__
+    cls.compute_loss = eaft_compute_loss
+    cls.log = eaft_log
+    cls._eaft_patched = True
+
+
+def _trl_metrics(trainer, inputs, outputs, labels, mode, loss, num_items_in_batch):
+    """After the EAFT loss: TRL's MoE aux loss and its own metrics, as its compute_loss records them."""
+    import torch
+
+    acc = trainer.accelerator
+    metrics = trainer._metrics[mode]
+    new = is_new_trl()
+    aux = getattr(outputs, "aux_loss", None)
+    if getattr(trainer, "aux_loss_enabled", False) and aux is not None:
+        coef = getattr(trainer, "router_aux_loss_coef", None)
+        if coef is None:
+            config = getattr(trainer.accelerator.unwrap_model(trainer.model), "config", None)
+            coef = getattr(config, "router_aux_loss_coef", 0.0) if config is not None else 0.0
+        steps = trainer.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+        loss = loss + coef * aux / steps
+        metrics["aux_loss"].append(acc.gather_for_metrics(aux.detach()).mean().item())
+    logits = getattr(outputs, "logits", None)
+    if logits is not None:  # no logits with eaft_fused: no entropy / accuracy (as TRL with Liger)
+        from trl.trainer.utils import entropy_from_logits
+
+        with torch.no_grad():
+            shift_labels = labels[..., 1:]
+            mask = shift_labels != -100
+            per_token_entropy = entropy_from_logits(logits[..., :-1, :] if new else logits)
+            if new:  # TRL >= 1: over the supervised tokens
+                valid = acc.gather_for_metrics(mask.sum()).sum()
+                ent_sum = acc.gather_for_metrics((per_token_entropy * mask).sum()).sum()
+                metrics["entropy"].append((ent_sum / valid).item() if valid > 0 else 0.0)
+            elif "attention_mask" in inputs:  # TRL 0.24: over the attended positions
+                am = inputs["attention_mask"]
+                entropy = torch.sum(per_token_entropy * am) / am.sum()
+                metrics["entropy"].append(acc.gather_for_metrics(entropy).mean().item())
+            else:
+                metrics["entropy"].append(acc.gather_for_metrics(per_token_entropy.mean()).mean().item())
+            correct = (logits[..., :-1, :].argmax(dim=-1) == shift_labels) & mask
+            total = acc.gather_for_metrics(mask.sum()).sum()
+            right = acc.gather_for_metrics(correct.sum()).sum()
+            metrics["mean_token_accuracy"].append((right / total).item() if total > 0 else 0.0)
+    if mode == "train":
+        if "attention_mask" in inputs:
+            n = acc.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
+        else:
+            ids = inputs.get("position_ids", inputs.get("input_ids"))
+            n = acc.gather_for_metrics(torch.tensor(ids.size(1), device=ids.device)).sum().item()
+        trainer._total_train_tokens += n
+    metrics["num_tokens"] = [trainer._total_train_tokens]
+    return loss
+
+
+# ---- activation ------------------------------------------------------------------------------------
+
+
+def _extend(module) -> None:
+    extend_sft_config(module.SFTConfig)
+    record_patch(NAME, f"trl.SFTConfig: loss_type '{LOSS_TYPE}', fields {', '.join(FIELDS)}")
+    version = trl_version()
+    if not version_supported(version):
+        record_error(NAME, f"trl {version} is not a supported release ({SUPPORTED_TEXT}): loss_type='eaft' is refused")
+
+
+def _patch(module) -> None:
+    patch_sft_trainer(module.SFTTrainer)
+    record_patch(NAME, "trl.SFTTrainer: __init__ / compute_loss / log (EAFT when loss_type='eaft')")
+
+
+def activate() -> None:
+    _bootstrap.when_imported("trl.trainer.sft_config", guarded(NAME, "adding SFTConfig eaft_* fields", _extend))
+    _bootstrap.when_imported("trl.trainer.sft_trainer", guarded(NAME, "hooking SFTTrainer", _patch))

@@ -1,0 +1,149 @@
+"""Dense EAFT loss on materialised logits, upcast one row-chunk at a time."""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Union
+
+import torch
+
+from ..options import EAFTOptions, OptionsLike, make_options
+from .common import (EAFTOutput, align_labels, check_finite, check_label_shapes, compute_dtype, gather_rows,
+                     loss_denominator, row_chunks, supervised_rows, ce_grad_rows)
+from .entropy import chunk_scores, finish_weights
+
+
+class TokenScores(NamedTuple):
+    """Per supervised token (in flattened, shifted order): row index, label, CE, Htilde, weight."""
+
+    index: torch.Tensor
+    labels: torch.Tensor
+    ce: torch.Tensor
+    entropy: torch.Tensor
+    weight: torch.Tensor
+
+
+def eaft_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    options: OptionsLike = None,
+    num_items_in_batch: Union[int, torch.Tensor, None] = None,
+    shift: bool = True,
+    mean_weight: Union[float, torch.Tensor, None] = None,
+    token_scale: Optional[torch.Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+    **option_overrides,
+) -> EAFTOutput:
+    """EAFT loss: sum_t w_t * CE_t / N over supervised tokens, w_t = (H_topK / ln K) ** alpha, detached.
+
+    logits [..., V] (fp32/bf16/fp16) and labels [...] (unshifted when shift=True). N is
+    `num_items_in_batch` when given, else the number of supervised tokens. `token_scale`
+    (same shape as labels, shifted with them) multiplies each token's loss, e.g. ms-swift's
+    loss_scale. Options: see EAFTOptions (keywords or `options=`).
+    """
+    opts = make_options(options, **option_overrides)
+    flat, idx, y, token_scale = _prepare(logits, labels, opts, shift, token_scale)
+    lse, ce, h_norm = _scores(flat, idx, y, opts)
+    check_finite(lse, ce, h_norm)
+    w, stats = finish_weights(h_norm, ce, opts, mean_weight, generator)
+    if token_scale is not None:
+        w = w * token_scale.reshape(-1).to(w.device, w.dtype)[idx]
+    coef = w / loss_denominator(num_items_in_batch, idx.numel(), w.device)
+    value = (coef * ce).sum()
+    loss = _WeightedCE.apply(flat, idx, y, lse, coef, value, opts.rows_per_chunk(flat.size(1)))
+    return EAFTOutput(loss, stats)
+
+
+def token_scores(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    options: OptionsLike = None,
+    shift: bool = True,
+    mean_weight: Union[float, torch.Tensor, None] = None,
+    generator: Optional[torch.Generator] = None,
+    **option_overrides,
+) -> TokenScores:
+    """The per-token quantities behind eaft_loss (no graph), for analysis and tests."""
+    opts = make_options(options, **option_overrides)
+    flat, idx, y, _ = _prepare(logits, labels, opts, shift, None)
+    lse, ce, h_norm = _scores(flat, idx, y, opts)
+    check_finite(lse, ce, h_norm)
+    w, _ = finish_weights(h_norm, ce, opts, mean_weight, generator)
+    return TokenScores(idx, y, ce, h_norm, w)
+
+
+def _prepare(logits, labels, opts: EAFTOptions, shift: bool, token_scale):
+    vocab = logits.size(-1)
+    opts.check_vocab(vocab)
+    check_label_shapes(logits, "logits", "vocabulary", labels, token_scale)
+    labels, token_scale = align_labels(labels, token_scale, opts, shift, logits.device)
+    flat = logits.reshape(-1, vocab)  # a view for contiguous logits
+    idx, y = supervised_rows(labels.reshape(-1), vocab, opts.ignore_index)
+    return flat, idx, y, token_scale
+
+
+def _chunk_buffer(flat: torch.Tensor, n: int, rows: int) -> torch.Tensor:
+    return flat.new_empty((min(rows, n), flat.size(1)), dtype=compute_dtype(flat.dtype))
+
+
+def _scores(flat: torch.Tensor, idx: torch.Tensor, y: torch.Tensor, opts: EAFTOptions):
+    n = idx.numel()
+    lse = flat.new_empty(n, dtype=compute_dtype(flat.dtype))
+    ce = torch.empty_like(lse)
+    h_norm = torch.empty_like(lse)
+    if n == 0:
+        return lse, ce, h_norm
+    rows = opts.rows_per_chunk(flat.size(1))
+    buf, work = _chunk_buffer(flat, n, rows), None
+    with torch.no_grad():
+        for start, stop, first in row_chunks(idx, rows):
+            z = gather_rows(flat, idx, start, stop, first, out=buf)
+            if z.data_ptr() == buf.data_ptr():
+                scratch = z  # our own copy: logsumexp may overwrite it
+            else:  # a view of the caller's logits
+                work = _chunk_buffer(flat, n, rows) if work is None else work
+                scratch = work[: stop - start]
+            lse_c, z_y, h_c = chunk_scores(z, y[start:stop], opts, work=scratch)
+            lse[start:stop], ce[start:stop], h_norm[start:stop] = lse_c, lse_c - z_y, h_c
+    return lse, ce, h_norm
+
+
+def _unsupervised_rows(idx: torch.Tensor, rows: int) -> torch.Tensor:
+    keep = torch.ones(rows, dtype=torch.bool, device=idx.device)
+    keep[idx] = False
+    return keep.nonzero().squeeze(1)
+
+
+class _WeightedCE(torch.autograd.Function):
+    """Returns the precomputed loss; backward is coef_t * (softmax(z_t) - onehot(y_t)), row-chunked."""
+
+    @staticmethod
+    def forward(ctx, flat, idx, y, lse, coef, value, rows):
+        ctx.save_for_backward(flat, idx, y, lse, coef)
+        ctx.rows = rows
+        return value.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        flat, idx, y, lse, coef = ctx.saved_tensors
+        # empty, not zeros: supervised rows are written once below, only the others are zeroed
+        # (touching a [tokens, vocab] buffer twice costs as much as the softmax itself on CPU).
+        grad = torch.empty_like(flat)
+        grad.index_fill_(0, _unsupervised_rows(idx, flat.size(0)), 0)
+        scale = coef * grad_out.to(coef.dtype)
+        in_place = grad.dtype == compute_dtype(flat.dtype)
+        buf = None
+        for start, stop, first in row_chunks(idx, ctx.rows):
+            if first is not None and in_place:  # write straight into the gradient rows
+                z = gather_rows(flat, idx, start, stop, first)  # a view
+                ce_grad_rows(z, lse[start:stop], y[start:stop], scale[start:stop], out=grad.narrow(0, first, stop - start))
+                continue
+            buf = _chunk_buffer(flat, idx.numel(), ctx.rows) if buf is None else buf
+            z = gather_rows(flat, idx, start, stop, first, out=buf)  # our copy
+            g = ce_grad_rows(z, lse[start:stop], y[start:stop], scale[start:stop], out=z)
+            if first is not None:
+                grad.narrow(0, first, stop - start).copy_(g)
+            else:
+                grad.index_copy_(0, idx[start:stop], g.to(grad.dtype))
+        return grad, None, None, None, None, None, None

@@ -1,0 +1,93 @@
+"""Per-token EAFT scores and weights. Every op (dense, fused, vocab-parallel) calls these."""
+
+from __future__ import annotations
+
+import math
+
+from typing import Optional, Tuple, Union
+
+import torch
+
+from ..options import EAFTOptions
+from ..stats import EAFTStats
+
+
+def entropy_of_logits(values: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of softmax over the last dim. `entr` keeps -inf entries at 0, not NaN."""
+    p = torch.softmax(values.to(torch.promote_types(values.dtype, torch.float32)), dim=-1)
+    return torch.special.entr(p).sum(-1)
+
+
+def topk_entropy(z: torch.Tensor, k: Optional[int]) -> torch.Tensor:
+    """Entropy of the softmax over the K largest logits of each row (all of them if k is None)."""
+    if k is None or k >= z.size(-1):
+        return entropy_of_logits(z)
+    return entropy_of_logits(torch.topk(z, k, dim=-1, sorted=False).values)
+
+
+def chunk_scores(
+    z: torch.Tensor, y: torch.Tensor, opts: EAFTOptions, work: Optional[torch.Tensor] = None
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For fp32 logit rows z [C, V] and labels y [C]: (logsumexp, label logit, normalised entropy).
+
+    work: optional [C, V] scratch for logsumexp's temporary (it may be z itself, which is then
+    overwritten): reusing one buffer across chunks spares a fresh [C, V] allocation per chunk.
+    """
+    z_y = z.gather(1, y.unsqueeze(1)).squeeze(1)
+    h_norm = topk_entropy(z, opts.topk) / opts.entropy_divisor(z.size(-1))
+    lse = torch.logsumexp(z, dim=-1) if work is None else _logsumexp_into(z, work)
+    return lse, z_y, h_norm
+
+
+def _logsumexp_into(z: torch.Tensor, work: torch.Tensor) -> torch.Tensor:
+    """torch.logsumexp(z, -1) with the same steps as torch's own kernel (bitwise equal, tested),
+    its [C, V] temporary written into `work`."""
+    m = torch.amax(z, dim=-1, keepdim=True)
+    m_flat = m.squeeze(-1)
+    m_flat.masked_fill_(m_flat.abs() == math.inf, 0)  # rows of all -inf (or an inf) stay finite here
+    total = torch.sum(torch.sub(z, m, out=work).exp_(), dim=-1)
+    return total.log_().add_(m_flat)
+
+
+def raw_weights(h_norm: torch.Tensor, ce: torch.Tensor, opts: EAFTOptions, generator=None) -> torch.Tensor:
+    """Gate of each supervised token (before weight_norm), from Htilde and its cross-entropy."""
+    if opts.gate == "hard":
+        return (~conflict_mask(h_norm, ce, opts)).to(h_norm.dtype)
+    w = h_norm.clamp_min(0.0).pow(opts.alpha)
+    if opts.gate == "shuffle" and w.numel() > 1:
+        perm = torch.randperm(w.numel(), generator=generator, device="cpu").to(w.device)
+        w = w[perm]
+    return w
+
+
+def conflict_mask(h_norm: torch.Tensor, ce: torch.Tensor, opts: EAFTOptions) -> torch.Tensor:
+    """Confident conflicts: low normalised entropy and low probability of the label."""
+    return (h_norm < opts.h_min) & (torch.exp(-ce) < opts.p_min)
+
+
+def finish_weights(
+    h_norm: torch.Tensor,
+    ce: torch.Tensor,
+    opts: EAFTOptions,
+    mean_weight: Union[float, torch.Tensor, None] = None,
+    generator=None,
+) -> Tuple[torch.Tensor, EAFTStats]:
+    """Detached per-token weights of a micro-batch's supervised tokens, and its stats.
+
+    weight_norm="mean" divides by `mean_weight` when given (the trainer's estimate over the
+    global batch) and by this micro-batch's own mean weight otherwise.
+    """
+    with torch.no_grad():
+        w = raw = raw_weights(h_norm, ce, opts, generator)
+        if opts.weight_norm == "mean":
+            denom = w.mean() if mean_weight is None else torch.as_tensor(mean_weight, dtype=w.dtype, device=w.device)
+            w = torch.where(denom > 0, w / denom.clamp_min(torch.finfo(w.dtype).tiny), w) if w.numel() else w
+        stats = EAFTStats(
+            ce_sum=ce.double().sum(),
+            weight_sum=w.double().sum(),
+            entropy_sum=h_norm.double().sum(),
+            conflict_count=conflict_mask(h_norm, ce, opts).double().sum(),
+            tokens=torch.tensor(float(ce.numel()), dtype=torch.float64, device=ce.device),
+            raw_weight_sum=raw.double().sum(),
+        )
+    return w, stats

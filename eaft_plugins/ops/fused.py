@@ -1,0 +1,241 @@
+"""Fused linear EAFT: the loss from last hidden states and the LM head, never building [tokens, vocab].
+
+For each chunk of supervised tokens (rows of `hidden` whose shifted label is not ignore_index)
+the op computes the chunk's logits with the LM head, takes logsumexp / label logit / top-K
+entropy from them with the core (`entropy.chunk_scores`), and drops them. Unsupervised rows
+are never multiplied by the LM head at all.
+
+Gradients are computed in the forward pass, chunk by chunk (like Liger's fused linear CE):
+the EAFT weight is detached and the loss is a sum, so d loss / d logits_t =
+c_t * (softmax(z_t) - onehot(y_t)) with c_t = w_t * token_scale_t / N known as soon as the
+chunk's weights are. This needs 3 matmuls per chunk (logits, d hidden, d weight) against 4
+for recomputing the logits in backward, at the price of holding d weight [V, H] (the size
+of the gradient autograd would produce anyway) from forward to backward. The backward only
+multiplies the stored gradients by the incoming scalar.
+
+Weights are chunk-local for gate "soft"/"hard" with weight_norm "none" (or "mean" with a
+given `mean_weight`): one pass. gate="shuffle" and weight_norm="mean" without `mean_weight`
+need every token's entropy before any weight is known: pass 1 computes the logits of each
+chunk for lse / CE / Htilde only ([N] vectors are kept), the core turns them into weights,
+pass 2 recomputes each chunk's logits for the gradients (4 matmuls per chunk instead of 3).
+
+Under torch.autocast the matmuls run in the autocast dtype (like the model's lm_head would);
+scores are always computed in fp32 (float64 stays float64). With bf16 weights the weight
+gradient is accumulated in bf16 across chunks (as Liger does); with fp32 weights (mixed
+precision with fp32 master weights) it is accumulated in fp32.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from .entropy import chunk_scores, finish_weights
+from .common import (EAFTOutput, loss_denominator, row_chunks, align_labels, ce_grad_rows, check_finite, check_label_shapes,
+                   compute_dtype, supervised_rows)
+from ..options import EAFTOptions, OptionsLike, make_options
+from ..stats import EAFTStats
+
+# Rows of the weight gradient formed at a time when it must be cast before accumulation
+# (bf16 products into fp32 master-weight gradients): bounds that temporary to V_BLOCK x H.
+V_BLOCK = 8192
+
+
+def fused_linear_eaft_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    options: OptionsLike = None,
+    num_items_in_batch: Union[int, torch.Tensor, None] = None,
+    shift: bool = True,
+    mean_weight: Union[float, torch.Tensor, None] = None,
+    token_scale: Optional[torch.Tensor] = None,
+    chunk_size: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
+    **option_overrides,
+) -> EAFTOutput:
+    """EAFT loss of `hidden @ weight.T + bias` without materialising the logits.
+
+    hidden [..., H] (e.g. [B, T, H] last hidden states), weight [V, H] (the LM head), bias [V]
+    or None, labels [...] (unshifted when shift=True). Same options, results, stats and errors
+    as `eaft_loss(F.linear(hidden, weight, bias), labels, ...)`. chunk_size: supervised tokens
+    per chunk (default: options.chunk_size, else ~16M fp32 logits per chunk).
+    """
+    opts = make_options(options, **option_overrides)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be the LM head matrix [vocab, hidden], got shape {tuple(weight.shape)}")
+    vocab, width = weight.shape
+    if hidden.size(-1) != width:
+        raise ValueError(f"hidden states' last dimension {hidden.size(-1)} does not match weight shape {tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (vocab,):
+        raise ValueError(f"bias shape {tuple(bias.shape)} must be ({vocab},)")
+    opts.check_vocab(vocab)
+    check_label_shapes(hidden, "hidden states", "hidden", labels, token_scale)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+    labels, token_scale = align_labels(labels, token_scale, opts, shift, hidden.device)
+    flat = hidden.reshape(-1, width)
+    idx, y = supervised_rows(labels.reshape(-1), vocab, opts.ignore_index)
+    scale = None if token_scale is None else token_scale.reshape(-1).to(hidden.device)[idx]
+    rows = chunk_size or opts.rows_per_chunk(vocab)
+    loss, stats = _FusedLinearEAFT.apply(
+        flat, weight, bias, idx, y, scale, num_items_in_batch, mean_weight, generator, opts, rows, _matmul_dtype(hidden, weight),
+        torch.is_grad_enabled(),
+    )
+    return EAFTOutput(loss, EAFTStats.from_vector(stats))
+
+
+def needs_two_passes(opts: EAFTOptions, mean_weight=None) -> bool:
+    """Whether a token's weight depends on other chunks' tokens (so weights precede gradients)."""
+    return opts.gate == "shuffle" or (opts.weight_norm == "mean" and mean_weight is None)
+
+
+def _matmul_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device) and hidden.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return torch.get_autocast_dtype(device)
+    return torch.promote_types(hidden.dtype, weight.dtype)
+
+
+class _FusedLinearEAFT(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, flat, weight, bias, idx, y, scale, num_items, mean_weight, generator, opts, rows, mm_dtype, grad_on):
+        want = [grad_on and need for need in ctx.needs_input_grad]  # no gradient work under no_grad (eval)
+        with torch.no_grad(), torch.autocast(flat.device.type, enabled=False):
+            run = _Chunks(flat, weight, bias, idx, y, rows, mm_dtype, want[0], want[1], want[2] and bias is not None)
+            denom = loss_denominator(num_items, idx.numel(), flat.device)
+            n = idx.numel()
+            lse = flat.new_empty(n, dtype=compute_dtype(mm_dtype))
+            ce, h_norm, coef = torch.empty_like(lse), torch.empty_like(lse), torch.empty_like(lse)
+
+            def coefficients(w, start, stop):
+                if scale is not None:
+                    w = w * scale[start:stop].to(w.dtype)
+                return w / denom
+
+            if needs_two_passes(opts, mean_weight):
+                for start, stop, first in run.chunks():
+                    _score(run, run.logits(start, stop, first), y[start:stop], opts, lse, ce, h_norm, start, stop, False)
+                check_finite(lse, ce, h_norm)
+                w, stats = finish_weights(h_norm, ce, opts, mean_weight, generator)
+                coef.copy_(coefficients(w, 0, n))
+                if run.grads:
+                    for start, stop, first in run.chunks():
+                        run.backprop(run.logits(start, stop, first), lse[start:stop], coef[start:stop], start, stop, first)
+            else:
+                for start, stop, first in run.chunks():
+                    z = run.logits(start, stop, first)
+                    _score(run, z, y[start:stop], opts, lse, ce, h_norm, start, stop, run.grads)
+                    w, _ = finish_weights(h_norm[start:stop], ce[start:stop], opts, mean_weight)
+                    coef[start:stop] = coefficients(w, start, stop)
+                    if run.grads:
+                        run.backprop(z, lse[start:stop], coef[start:stop], start, stop, first)
+                check_finite(lse, ce, h_norm)
+                _, stats = finish_weights(h_norm, ce, opts, mean_weight)  # stats of the whole call
+            value = (coef * ce).sum()
+        grads = run.finished()
+        ctx.present = [g is not None for g in grads]
+        ctx.save_for_backward(*[g for g in grads if g is not None])
+        stats_vec = stats.to_vector()
+        ctx.mark_non_differentiable(stats_vec)
+        return value, stats_vec
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_stats):
+        # The gradients were computed in forward for an incoming gradient of 1. They are handed
+        # over as they are: the graph has released them by the time autograd stores .grad, so
+        # the first .grad is the tensor itself, no copy. Otherwise they are scaled in place: a
+        # second backward over a retained graph then fails autograd's in-place check rather
+        # than return wrong numbers (with grad_out == 1, e.g. gradcheck, it just works).
+        saved = iter(ctx.saved_tensors)
+        grads = [next(saved) if present else None for present in ctx.present]
+        if not bool(grad_out == 1):
+            for g in grads:
+                if g is not None:
+                    g.mul_(grad_out.to(g.dtype))
+        return (*grads, None, None, None, None, None, None, None, None, None, None)
+
+
+def _score(run, z, y, opts, lse, ce, h_norm, start, stop, keep_z):
+    lse_c, z_y, h_c = run.scores(z, y, opts, keep_z)
+    lse[start:stop], ce[start:stop], h_norm[start:stop] = lse_c, lse_c - z_y, h_c
+
+
+class _Chunks:
+    """Logits and gradient accumulation for row-chunks of the supervised tokens.
+
+    Three [C, V] buffers are allocated once and reused by every chunk (fresh pages cost about
+    as much as a pass over them): the matmul output (later the low-precision gradient), its
+    fp32 copy (later the fp32 gradient), and logsumexp's scratch.
+    """
+
+    def __init__(self, flat, weight, bias, idx, y, rows, mm_dtype, grad_hidden, grad_weight, grad_bias):
+        self.flat, self.weight, self.bias, self.idx, self.y = flat, weight, bias, idx, y
+        self.rows = min(rows, max(idx.numel(), 1))
+        self.mm_dtype, self.dtype = mm_dtype, compute_dtype(mm_dtype)
+        # Cast once (autocast would cache the same copy); a no-op when dtypes already agree.
+        self.w = weight.to(mm_dtype)
+        self.b = None if bias is None else bias.to(mm_dtype)
+        self.gh = torch.zeros_like(flat) if grad_hidden else None
+        self.gw = torch.zeros_like(weight) if grad_weight else None
+        self.gb = torch.zeros_like(bias, dtype=compute_dtype(bias.dtype)) if grad_bias else None
+        self.grads = grad_hidden or grad_weight or grad_bias
+        self._h = None
+        self._out = self._z = self._work = None
+
+    def _buffer(self, name, dtype):
+        if getattr(self, name) is None:
+            setattr(self, name, self.flat.new_empty((self.rows, self.w.size(0)), dtype=dtype))
+        return getattr(self, name)
+
+    def chunks(self):
+        if self.idx.numel():
+            yield from row_chunks(self.idx, self.rows)
+
+    def logits(self, start, stop, first):
+        """fp32 logits of the chunk (a buffer reused by the next chunk)."""
+        if first is not None:
+            h = self.flat.narrow(0, first, stop - start)
+        else:
+            h = self.flat.index_select(0, self.idx[start:stop])
+        self._h = h.to(self.mm_dtype)
+        out = self._buffer("_out", self.mm_dtype)[: stop - start]
+        if self.b is None:
+            torch.mm(self._h, self.w.t(), out=out)
+        else:
+            torch.addmm(self.b, self._h, self.w.t(), out=out)
+        if self.mm_dtype == self.dtype:
+            return out
+        return self._buffer("_z", self.dtype)[: stop - start].copy_(out)
+
+    def scores(self, z, y, opts, keep_z):
+        """chunk_scores; z is left intact only when keep_z (it is needed for the gradient)."""
+        work = self._buffer("_work", self.dtype)[: z.size(0)] if keep_z else z
+        return chunk_scores(z, y, opts, work=work)
+
+    def backprop(self, z, lse, coef, start, stop, first):
+        """z: this chunk's fp32 logits (overwritten). Adds the chunk's gradients."""
+        g32 = ce_grad_rows(z, lse, self.y[start:stop], coef, out=z)
+        g = g32 if self.mm_dtype == self.dtype else self._out[: stop - start].copy_(g32)
+        if self.gb is not None:
+            self.gb.add_(g32.sum(0))
+        if self.gh is not None:
+            gh = torch.mm(g, self.w).to(self.gh.dtype)
+            if first is not None:
+                self.gh.narrow(0, first, stop - start).copy_(gh)
+            else:
+                self.gh.index_copy_(0, self.idx[start:stop], gh)
+        if self.gw is not None:
+            if self.gw.dtype == g.dtype:
+                self.gw.addmm_(g.t(), self._h)
+            else:  # e.g. bf16 products into an fp32 master weight's gradient: cast block by block
+                for v0 in range(0, self.gw.size(0), V_BLOCK):
+                    v1 = min(v0 + V_BLOCK, self.gw.size(0))
+                    self.gw[v0:v1] += (g[:, v0:v1].t() @ self._h).to(self.gw.dtype)
+
+    def finished(self):
+        gb = None if self.gb is None else self.gb.to(self.bias.dtype)
+        return self.gh, self.gw, gb

@@ -1,0 +1,389 @@
+"""eaft-analyze: the entropy/probability landscape of a fine-tuning set under a model.
+
+For every supervised token (assistant turns under the model's chat template) it records the
+probability of the label, the exact entropy, top-K entropies, the EAFT normalised entropy and
+weight, all through the core (eaft_plugins.ops.entropy). It then does the same for the model's own
+responses to the same prompts (the on-policy contrast), and writes:
+
+  landscape.png   2-D density of normalised entropy vs probability, data vs own responses,
+                  confident-conflict quadrant (Htilde < h_min, p < p_min) marked with its share
+  topk_corr.png   top-K entropy vs exact entropy for K in --ks
+  summary.json    shares, means, correlations, settings
+  tokens.csv      one row per scored token
+  conflicts.md    the strongest confident conflicts of the data, in context
+
+    eaft-analyze --model DIR_OR_ID --data train.json [--format auto] [--out analysis/]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from ..ops.entropy import chunk_scores, conflict_mask, finish_weights, topk_entropy
+from .evaluation import IGNORE, chunks, encode_conversation, generate, load_model, pad_batch, write_json
+from ..options import SETTINGS, EAFTOptions, Spelling, config_from_keys
+
+# One scoring pass has no optimizer step to normalise over (weight_norm), and no trainer.
+SCORING_SETTINGS = tuple(st for st in SETTINGS if not st.trainer and st.name != "weight_norm")
+
+DEFAULT_KS = (5, 10, 20, 50)
+
+
+# ----------------------------------------------------------------------------- data formats
+
+
+def read_records(path) -> List[dict]:
+    """Rows of a .json (list) or .jsonl file."""
+    text = Path(path).read_text()
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        return json.loads(text)
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+FORMATS = ("auto", "alpaca", "sharegpt", "messages", "swift_query")  # every format to_messages reads
+
+
+def detect_format(row: dict) -> str:
+    if "messages" in row:
+        return "messages"
+    if "conversations" in row:
+        return "sharegpt"
+    if "instruction" in row and "output" in row:
+        return "alpaca"
+    if "query" in row and "response" in row:
+        return "swift_query"
+    raise ValueError(f"cannot tell the data format from keys {sorted(row)}; pass --format {'|'.join(FORMATS[1:])}")
+
+
+_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
+                   "function_call": "assistant", "observation": "user", "tool": "user"}
+
+
+def to_messages(row: dict, fmt: str = "auto") -> List[Dict[str, str]]:
+    """LLaMA-Factory alpaca / sharegpt or ms-swift messages / query-response -> [{role, content}]."""
+    fmt = detect_format(row) if fmt == "auto" else fmt
+    if fmt == "alpaca":
+        msgs = [{"role": "system", "content": row["system"]}] if row.get("system") else []
+        for q, a in row.get("history") or []:
+            msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        user = row["instruction"] + ("\n" + row["input"] if row.get("input") else "")
+        return msgs + [{"role": "user", "content": user}, {"role": "assistant", "content": row["output"]}]
+    if fmt == "sharegpt":
+        msgs = [{"role": "system", "content": row["system"]}] if row.get("system") else []
+        for turn in row["conversations"]:
+            role = turn.get("from", turn.get("role"))
+            if role not in _SHAREGPT_ROLES:
+                raise ValueError(f"unknown sharegpt role {role!r}")
+            msgs.append({"role": _SHAREGPT_ROLES[role], "content": turn.get("value", turn.get("content", ""))})
+        return msgs
+    if fmt == "messages":
+        return [{"role": m["role"], "content": m["content"]} for m in row["messages"] if m.get("content") is not None]
+    if fmt == "swift_query":
+        msgs = [{"role": "system", "content": row["system"]}] if row.get("system") else []
+        for q, a in row.get("history") or []:
+            msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        return msgs + [{"role": "user", "content": row["query"]}, {"role": "assistant", "content": row["response"]}]
+    raise ValueError(f"--format must be one of {list(FORMATS)}, got {fmt!r}")
+
+
+def first_prompt(messages: List[Dict[str, str]]) -> Optional[List[Dict[str, str]]]:
+    """The conversation up to the first assistant turn (what the model answers on-policy)."""
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant":
+            return messages[:i]
+    return None
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+@torch.no_grad()
+def score_sequences(model, tok, seqs, opts: EAFTOptions, ks: Sequence[int] = DEFAULT_KS, batch_size: int = 4,
+                    progress: bool = True, desc: str = "score") -> Dict[str, torch.Tensor]:
+    """Per supervised token of each (ids, labels) sequence: seq, pos, label, p, ce, Htilde (EAFT),
+    exact entropy (nats), top-K entropies (nats), EAFT weight, conflict flag, argmax and its p."""
+    device = next(model.parameters()).device
+    cols: Dict[str, List[torch.Tensor]] = {}
+    steps = list(chunks(seqs, batch_size))
+    if progress:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, desc=desc, unit="batch")
+    for start, batch in steps:
+        ids, mask, lab = pad_batch(batch, tok.pad_token_id, device)
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        y = lab[:, 1:]
+        where = (y != IGNORE).nonzero()
+        rows = logits[where[:, 0], where[:, 1]]
+        labels = y[where[:, 0], where[:, 1]]
+        parts: Dict[str, List[torch.Tensor]] = {}
+        for s, z in chunks(rows, opts.rows_per_chunk(rows.size(-1))):
+            z = z.float()
+            yy = labels[s : s + z.size(0)]
+            lse, z_y, h_norm = chunk_scores(z, yy, opts)
+            top = z.max(-1)
+            got = {"ce": lse - z_y, "h_norm": h_norm, "h_exact": topk_entropy(z, None),
+                   "argmax": top.indices, "p_argmax": torch.exp(top.values - lse)}
+            for k in ks:
+                got[f"h_top{k}"] = topk_entropy(z, k)
+            for key, val in got.items():
+                parts.setdefault(key, []).append(val.cpu())
+        if not parts:
+            continue
+        part = {k: torch.cat(v) for k, v in parts.items()}
+        # Weights per micro-batch, like training (shuffle / mean norm act within a batch).
+        w, _ = finish_weights(part["h_norm"], part["ce"], opts)
+        part.update(weight=w, conflict=conflict_mask(part["h_norm"], part["ce"], opts),
+                    p=torch.exp(-part["ce"]), label=labels.cpu(),
+                    seq=where[:, 0].cpu() + start, pos=where[:, 1].cpu() + 1)
+        for k, v in part.items():
+            cols.setdefault(k, []).append(v)
+    if not cols:
+        raise ValueError("no supervised tokens to score (are there assistant turns, and is --cutoff long enough?)")
+    return {k: torch.cat(v) for k, v in cols.items()}
+
+
+def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double() - a.double().mean(), b.double() - b.double().mean()
+    den = math.sqrt(float((a * a).sum()) * float((b * b).sum()))
+    return float((a * b).sum()) / den if den > 0 else float("nan")
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    rank = lambda x: torch.argsort(torch.argsort(x.double())).double()  # noqa: E731 (ties: arbitrary order)
+    return pearson(rank(a), rank(b))
+
+
+def summarize(scores: Dict[str, torch.Tensor], opts: EAFTOptions, ks: Sequence[int]) -> dict:
+    n = int(scores["p"].numel())
+    return {
+        "tokens": n,
+        "sequences": int(scores["seq"].unique().numel()),
+        "conflict_share": float(scores["conflict"].double().mean()),
+        "conflict_tokens": int(scores["conflict"].sum()),
+        "mean_p": float(scores["p"].double().mean()),
+        "mean_ce": float(scores["ce"].double().mean()),
+        "mean_entropy_norm": float(scores["h_norm"].double().mean()),
+        "mean_entropy_exact_nats": float(scores["h_exact"].double().mean()),
+        "mean_weight": float(scores["weight"].double().mean()),
+        "topk_vs_exact": {
+            str(k): {"pearson": pearson(scores[f"h_top{k}"], scores["h_exact"]),
+                     "spearman": spearman(scores[f"h_top{k}"], scores["h_exact"]),
+                     "mean_abs_diff_nats": float((scores[f"h_top{k}"] - scores["h_exact"]).abs().double().mean())}
+            for k in ks
+        },
+    }
+
+
+# ----------------------------------------------------------------------------- reports
+
+
+def plot_landscape(panels, opts: EAFTOptions, path, title: str = "") -> Path:
+    """panels: [(name, scores)]; density of (p, Htilde) with the confident-conflict quadrant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
+    from matplotlib.patches import Rectangle
+
+    top = max(1.0, max(float(s["h_norm"].max()) for _, s in panels))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.4), squeeze=False)
+    for ax, (name, s) in zip(axes[0], panels):
+        h = ax.hist2d(s["p"].numpy(), s["h_norm"].clamp_max(top).numpy(), bins=[40, 40],
+                      range=[[0, 1], [0, top]], norm=LogNorm(), cmap="viridis")
+        fig.colorbar(h[3], ax=ax, label="tokens")
+        ax.add_patch(Rectangle((0, 0), opts.p_min, opts.h_min, fill=False, ec="red", lw=2))
+        share = float(s["conflict"].double().mean())
+        ax.text(opts.p_min + 0.02, opts.h_min + 0.02 * top,
+                f"confident conflicts\n{share:.1%} of {s['p'].numel()} tokens", color="red", fontsize=9)
+        ax.set_xlabel("probability of the label token")
+        ax.set_ylabel(f"normalised entropy (top-{opts.topk or 'V'}, {opts.entropy_norm})")
+        ax.set_title(name, fontsize=10)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_topk(scores: Dict[str, torch.Tensor], ks: Sequence[int], summary: dict, path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(ks), figsize=(3.4 * len(ks), 3.4), squeeze=False)
+    x = scores["h_exact"].numpy()
+    for ax, k in zip(axes[0], ks):
+        ax.scatter(x, scores[f"h_top{k}"].numpy(), s=2, alpha=0.3)
+        hi = float(max(x.max(), scores[f"h_top{k}"].max()))
+        ax.plot([0, hi], [0, hi], "k--", lw=0.8)
+        ax.set_title(f"K={k}: r={summary['topk_vs_exact'][str(k)]['pearson']:.3f}", fontsize=10)
+        ax.set_xlabel("exact entropy (nats)")
+        ax.set_ylabel(f"top-{k} entropy (nats)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def _clean(text: str) -> str:
+    return text.replace("\n", "⏎").replace("|", "\\|")
+
+
+def conflict_examples(scores, seqs, tok, n: int = 30, left: int = 12, right: int = 6) -> List[dict]:
+    """The n confident-conflict tokens with the lowest label probability, with context and the
+    token the model expected instead."""
+    idx = scores["conflict"].nonzero().squeeze(1)
+    idx = idx[torch.argsort(scores["p"][idx])][:n]
+    out = []
+    for i in idx.tolist():
+        seq, pos = int(scores["seq"][i]), int(scores["pos"][i])
+        ids = seqs[seq][0]
+        out.append({
+            "example": seq, "position": pos,
+            "before": tok.decode(ids[max(0, pos - left):pos]),
+            "token": tok.decode([ids[pos]]),
+            "after": tok.decode(ids[pos + 1:pos + 1 + right]),
+            "p": float(scores["p"][i]), "entropy_norm": float(scores["h_norm"][i]),
+            "model_expected": tok.decode([int(scores["argmax"][i])]), "p_expected": float(scores["p_argmax"][i]),
+        })
+    return out
+
+
+def write_conflicts_md(examples: List[dict], path, opts: EAFTOptions) -> Path:
+    lines = [f"# Strongest confident conflicts (Htilde < {opts.h_min}, p < {opts.p_min})", "",
+             "The label token is in **bold**; the model was confident in another token.", "",
+             "| example | context | p(label) | Htilde | model expected (p) |", "|---|---|---|---|---|"]
+    for e in examples:
+        lines.append(f"| {e['example']} | …{_clean(e['before'])}**{_clean(e['token'])}**{_clean(e['after'])}… "
+                     f"| {e['p']:.4f} | {e['entropy_norm']:.3f} | `{_clean(e['model_expected'])}` ({e['p_expected']:.2f}) |")
+    Path(path).write_text("\n".join(lines) + "\n")
+    return Path(path)
+
+
+def write_tokens_csv(scores, tok, path, ks: Sequence[int], source: str, mode: str = "w") -> None:
+    keys = ["seq", "pos", "p", "h_norm", "h_exact"] + [f"h_top{k}" for k in ks] + ["weight", "conflict"]
+    with open(path, mode, newline="") as fh:
+        w = csv.writer(fh)
+        if mode == "w":
+            w.writerow(["source", "token"] + keys)
+        labels = scores["label"].tolist()
+        vals = {k: scores[k].tolist() for k in keys}
+        for i, lab in enumerate(labels):
+            w.writerow([source, tok.convert_ids_to_tokens(lab)] + [
+                (f"{vals[k][i]:.6g}" if isinstance(vals[k][i], float) else int(vals[k][i])) for k in keys])
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def analyze(model_path, data_path, out_dir, fmt: str = "auto", opts: Optional[EAFTOptions] = None,
+            ks: Sequence[int] = DEFAULT_KS, limit: Optional[int] = None, cutoff: int = 1024, batch_size: int = 4,
+            on_policy: int = 64, max_new_tokens: int = 256, sample: bool = False, temperature: float = 1.0,
+            seed: int = 0, device: Optional[str] = None, n_conflicts: int = 30, progress: bool = True) -> dict:
+    opts = opts or EAFTOptions()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = read_records(data_path)[:limit] if limit else read_records(data_path)
+    convs = [to_messages(r, fmt) for r in rows]
+    model, tok = load_model(model_path, device)
+    opts.check_vocab(model.config.vocab_size)
+    for k in ks:
+        if k > model.config.vocab_size:
+            raise ValueError(f"--ks entry {k} is larger than the vocabulary ({model.config.vocab_size})")
+
+    seqs = [encode_conversation(tok, m, cutoff)[:2] for m in convs]
+    data = score_sequences(model, tok, seqs, opts, ks, batch_size, progress, desc="score data")
+    summary = {"model": str(model_path), "data": str(data_path), "examples": len(convs),
+               "options": {"topk": opts.topk, "alpha": opts.alpha, "entropy_norm": opts.entropy_norm,
+                           "gate": opts.gate, "h_min": opts.h_min, "p_min": opts.p_min, "weight_norm": opts.weight_norm},
+               "data_tokens": summarize(data, opts, ks)}
+    panels = [(f"training data ({Path(data_path).name})", data)]
+    write_tokens_csv(data, tok, out / "tokens.csv", ks, "data")
+
+    if on_policy:
+        prompts = [(i, first_prompt(m)) for i, m in enumerate(convs)]
+        prompts = [(i, p) for i, p in prompts if p][:on_policy]
+        texts = [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for _, p in prompts]
+        answers = generate(model, tok, texts, max_new_tokens, batch_size=max(batch_size, 8), sample=sample,
+                           temperature=temperature, seed=seed, progress=progress)
+        own = [encode_conversation(tok, p + [{"role": "assistant", "content": a}], cutoff)[:2]
+               for (_, p), a in zip(prompts, answers)]
+        mine = score_sequences(model, tok, own, opts, ks, batch_size, progress, desc="score own answers")
+        kind = f"sampled, T={temperature}" if sample else "greedy"
+        summary["own_responses"] = {"decoding": kind, **summarize(mine, opts, ks)}
+        panels.append((f"model's own {kind} responses (same {len(prompts)} prompts)", mine))
+        write_tokens_csv(mine, tok, out / "tokens.csv", ks, "own", mode="a")
+        write_json(out / "own_responses.json", [{"example": i, "response": a} for (i, _), a in zip(prompts, answers)])
+
+    plot_landscape(panels, opts, out / "landscape.png", title=f"{Path(str(model_path)).name}: token landscape")
+    plot_topk(data, ks, summary["data_tokens"], out / "topk_corr.png")
+    examples = conflict_examples(data, seqs, tok, n_conflicts)
+    write_conflicts_md(examples, out / "conflicts.md", opts)
+    summary["top_conflicts"] = examples
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="eaft-analyze", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="local model directory or Hub id")
+    p.add_argument("--data", required=True, help="local .json/.jsonl: alpaca, sharegpt, messages or swift query/response rows")
+    p.add_argument("--format", default="auto", choices=FORMATS)
+    p.add_argument("--out", default="eaft_analysis")
+    p.add_argument("--limit", type=int, default=None, help="first N examples only")
+    p.add_argument("--cutoff", type=int, default=1024, help="max tokens per example")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--ks", default=",".join(map(str, DEFAULT_KS)), help="top-K sizes compared with exact entropy")
+    p.add_argument("--on-policy", type=int, default=64, help="prompts the model answers itself (0: skip)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--sample", action="store_true", help="sample the own responses instead of greedy")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--conflicts", type=int, default=30, help="confident conflicts listed in conflicts.md")
+    for setting in SCORING_SETTINGS:  # the EAFT options, from the schema
+        p.add_argument(f"--{setting.name.replace('_', '-')}", default=None,
+                       help=f"EAFT: {setting.help} (default {setting.default_text})")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        opts = config_from_keys({st.name: getattr(args, st.name) for st in SCORING_SETTINGS}, Spelling("--{dashed}")).options
+    except ValueError as exc:
+        parser.error(str(exc))
+    ks = [int(k) for k in args.ks.split(",") if k.strip()]
+    s = analyze(args.model, args.data, args.out, args.format, opts, ks, args.limit, args.cutoff, args.batch_size,
+                args.on_policy, args.max_new_tokens, args.sample, args.temperature, args.seed, args.device,
+                args.conflicts, progress=not args.no_progress)
+    d = s["data_tokens"]
+    print(f"data: {d['tokens']} supervised tokens in {d['sequences']} examples; confident conflicts "
+          f"{d['conflict_share']:.2%}; mean p {d['mean_p']:.3f}; mean weight {d['mean_weight']:.3f}")
+    if "own_responses" in s:
+        o = s["own_responses"]
+        print(f"own responses ({o['decoding']}): {o['tokens']} tokens; confident conflicts {o['conflict_share']:.2%}; "
+              f"mean p {o['mean_p']:.3f}")
+    print("top-K vs exact entropy (pearson): " + ", ".join(f"K={k}: {v['pearson']:.3f}" for k, v in d["topk_vs_exact"].items()))
+    print(f"wrote {args.out}/landscape.png, topk_corr.png, summary.json, tokens.csv, conflicts.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,426 @@
+"""The LLaMA-Factory plugin through the real parser and the real `llamafactory-cli train`, on SmolLM2."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from eaft_plugins import EAFTOptions
+from eaft_plugins.tools.demo import (
+    cli_env,
+    log_history,
+    run_train,
+    train_config,
+    write_dataset,
+    write_yaml,
+)
+
+llamafactory = pytest.importorskip("llamafactory", reason="SKIPPED: llamafactory is not installed in this environment")
+from llamafactory.hparams import get_train_args  # noqa: E402
+
+from eaft_plugins.integrations import llamafactory as plugin  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return write_dataset(tmp_path_factory.mktemp("lf_data"), 24, seed=1)
+
+
+def parse(model_dir, data_dir, tmp_path, **overrides):
+    cfg = train_config(model_dir, data_dir, tmp_path / "out", steps=1, **overrides)
+    return get_train_args(cfg)
+
+
+# ---------------------------------------------------------------- parser (no training)
+
+
+def test_keys_parse_into_options(smollm2_dir, data_dir, tmp_path):
+    *_, finetuning_args, _ = parse(
+        smollm2_dir, data_dir, tmp_path, eaft_topk=10, eaft_alpha=0.5, eaft_gate="hard", eaft_h_min=0.3,
+        eaft_p_min=0.2, eaft_entropy_norm="upstream", eaft_weight_norm="mean",
+    )
+    assert finetuning_args.eaft_options == EAFTOptions(
+        topk=10, alpha=0.5, gate="hard", h_min=0.3, p_min=0.2, entropy_norm="upstream", weight_norm="mean"
+    )
+
+
+def test_defaults_are_the_paper_defaults(smollm2_dir, data_dir, tmp_path):
+    *_, finetuning_args, _ = parse(smollm2_dir, data_dir, tmp_path)
+    assert finetuning_args.eaft_options == EAFTOptions()
+    *_, finetuning_args, _ = parse(smollm2_dir, data_dir, tmp_path, eaft_topk="full")
+    assert finetuning_args.eaft_options.topk is None
+
+
+@pytest.mark.parametrize(
+    "key, value, match",
+    [
+        ("eaft_gate", "sharp", r"`eaft_gate` 'sharp' is invalid: gate must be one of \['soft', 'hard', 'shuffle'\]"),
+        ("eaft_topk", 1, r"`eaft_topk` 1 is invalid: topk must be an integer >= 2 or 'full'"),
+        ("eaft_alpha", -1.0, r"`eaft_alpha` -1.0 is invalid: alpha must be >= 0"),
+        ("eaft_entropy_norm", "log", r"`eaft_entropy_norm` 'log' is invalid: entropy_norm must be one of \['ln_k', 'upstream', 'none'\]"),
+        ("eaft_weight_norm", "sum", r"`eaft_weight_norm` 'sum' is invalid: weight_norm must be one of \['none', 'mean'\]"),
+        ("eaft_p_min", 2.0, r"`eaft_p_min` 2.0 is invalid: p_min must be in \[0.0, 1.0\]"),
+    ],
+)
+def test_bad_values_name_the_key(smollm2_dir, data_dir, tmp_path, key, value, match):
+    with pytest.raises(ValueError, match=match):
+        parse(smollm2_dir, data_dir, tmp_path, **{key: value})
+
+
+def test_eaft_key_without_use_eaft_loss_is_refused(smollm2_dir, data_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"\['eaft_topk'\] set but use_eaft_loss is false"):
+        parse(smollm2_dir, data_dir, tmp_path, eaft=False, eaft_topk=10)
+
+
+def test_unknown_key_is_still_rejected(smollm2_dir, data_dir, tmp_path):
+    with pytest.raises(ValueError, match="eaft_topkk"):
+        parse(smollm2_dir, data_dir, tmp_path, eaft_topkk=10)
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        ({"stage": "pt"}, "stage: pt ignores the loss; EAFT needs `stage: sft`"),
+        ({"use_dft_loss": True}, "use_dft_loss and use_eaft_loss both set"),
+    ],
+)
+def test_combinations_that_would_silently_drop_eaft_are_refused(smollm2_dir, data_dir, tmp_path, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        parse(smollm2_dir, data_dir, tmp_path, **overrides)
+
+
+@pytest.mark.parametrize(
+    "args_index, attr, match",
+    [  # set on parsed args: USE_MCA needs mcore_adapter and liger needs liger-kernel, GPU builds both
+        (3, "use_mca", "Megatron Core Adapter"),
+        (0, "enable_liger_kernel", r"enable_liger_kernel computes a fused CE without logits.*add `eaft_fused: true`"),
+    ],
+)
+def test_gpu_only_paths_are_refused(smollm2_dir, data_dir, tmp_path, args_index, attr, match):
+    parsed = parse(smollm2_dir, data_dir, tmp_path)
+    setattr(parsed[args_index], attr, True)
+    model_args, _, training_args, finetuning_args, _ = parsed
+    with pytest.raises(ValueError, match=match):
+        plugin.check_combination(model_args, training_args, finetuning_args)
+
+
+def test_liger_with_eaft_fused_is_allowed(smollm2_dir, data_dir, tmp_path):
+    # Our instance-level forward replaces Liger's class-level fused CE forward; its other kernels stay.
+    parsed = parse(smollm2_dir, data_dir, tmp_path, eaft_fused=True)
+    parsed[0].enable_liger_kernel = True
+    model_args, _, training_args, finetuning_args, _ = parsed
+    plugin.check_combination(model_args, training_args, finetuning_args)
+    assert finetuning_args.eaft_fused is True
+
+
+def test_label_smoothing_is_refused(smollm2_dir, data_dir, tmp_path):
+    with pytest.raises(ValueError, match="label_smoothing_factor > 0 is ignored once a custom loss is set"):
+        parse(smollm2_dir, data_dir, tmp_path, label_smoothing_factor=0.1)
+
+
+def test_eaft_fused_without_use_eaft_loss_is_refused(smollm2_dir, data_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"\['eaft_fused'\] set but use_eaft_loss is false"):
+        parse(smollm2_dir, data_dir, tmp_path, eaft=False, eaft_fused=True)
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1.0])  # written with its default value counts too
+def test_upstream_key_without_use_eaft_loss_is_refused(smollm2_dir, data_dir, tmp_path, alpha):
+    # eaft_alpha is upstream's field (default 1.0), so only the keys the user wrote can tell.
+    with pytest.raises(ValueError, match=r"\['eaft_alpha'\] set but use_eaft_loss is false"):
+        parse(smollm2_dir, data_dir, tmp_path, eaft=False, eaft_alpha=alpha)
+
+
+def test_written_keys_from_argv():
+    argv = ["--model_name_or_path", "/m/eaft_plugins/x", "--eaft_alpha", "0.5", "--do_train", "--eaft_gate=hard"]
+    assert plugin.written_keys(argv) == {"model_name_or_path": "/m/eaft_plugins/x", "eaft_alpha": "0.5",
+                                         "do_train": True, "eaft_gate": "hard"}
+    with pytest.raises(ValueError, match=r"\['eaft_alpha', 'eaft_gate'\] set but use_eaft_loss is false"):
+        plugin.check_written_keys(argv)
+    assert plugin.check_written_keys(argv + ["--use_eaft_loss", "TRUE"]) is True
+    assert plugin.check_written_keys(["--model_name_or_path", "/cache/eaft_plugins/m"]) is False
+
+
+@pytest.mark.parametrize("written, fused, log_metrics", [
+    ({"eaft_fused": "false", "eaft_log_metrics": "False"}, False, False),
+    ({"eaft_fused": "TRUE", "eaft_log_metrics": "1"}, True, True),
+    ({"eaft_fused": "0"}, False, True),
+])
+def test_quoted_booleans_are_parsed(smollm2_dir, data_dir, tmp_path, written, fused, log_metrics):
+    *_, finetuning_args, _ = parse(smollm2_dir, data_dir, tmp_path, **written)
+    assert finetuning_args.eaft_config.fused is fused and finetuning_args.eaft_fused is fused
+    assert finetuning_args.eaft_config.log_metrics is log_metrics
+
+
+def test_a_bad_boolean_names_the_key(smollm2_dir, data_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"`eaft_fused` 'yes please' is invalid: must be true or false"):
+        parse(smollm2_dir, data_dir, tmp_path, eaft_fused="yes please")
+
+
+def test_quoted_false_use_eaft_loss_is_off(smollm2_dir, data_dir, tmp_path):
+    cfg = train_config(smollm2_dir, data_dir, tmp_path / "out", steps=1)
+    cfg["use_eaft_loss"] = "false"
+    *_, finetuning_args, _ = get_train_args(cfg)
+    assert finetuning_args.use_eaft_loss is False and finetuning_args.eaft_config is None
+
+
+def test_v1_guard_decides_from_the_parsed_keys(smollm2_dir, data_dir, tmp_path, monkeypatch):
+    import types
+
+    launcher = types.SimpleNamespace(launch=lambda: "launched")
+    plugin._patch_v1(launcher)
+    # A model path under ~/.cache/eaft_plugins/ mentions "eaft", but the config does not use EAFT.
+    plain = train_config(tmp_path / "eaft_plugins" / "model", data_dir, tmp_path / "o", steps=1, eaft=False)
+    monkeypatch.setattr(sys, "argv", ["llamafactory-cli", "train", str(write_yaml(plain, tmp_path / "plain.yaml"))])
+    assert launcher.launch() == "launched"
+    monkeypatch.setattr(sys, "argv", ["llamafactory-cli", "train", str(tmp_path / "plain.yaml"), "use_eaft_loss=true"])
+    with pytest.raises(ValueError, match=r"the v1 trainer \(USE_V1=1\) ignores use_eaft_loss"):
+        launcher.launch()
+
+
+def test_a_release_that_defines_our_keys_is_refused():
+    base = llamafactory.hparams.parser.FinetuningArguments.__mro__[1]  # upstream's class
+    future = dataclasses.make_dataclass("FinetuningArguments", [("eaft_topk", int, dataclasses.field(default=20))],
+                                        bases=(base,))
+    with pytest.raises(RuntimeError, match=r"defines \['eaft_topk'\] itself"):
+        plugin._make_args_class(future)
+
+
+def test_doctor_reports_the_patches():
+    out = subprocess.run([sys.executable, "-m", "eaft_plugins", "doctor"], capture_output=True, text=True,
+                         env=cli_env(), timeout=300)
+    assert "llamafactory 0.9" in out.stdout
+    assert "patched: hparams.parser._TRAIN_ARGS" in out.stdout
+    assert "patched: train.sft.trainer.CustomSeq2SeqTrainer" in out.stdout
+
+
+def test_bootstrap_disabled_means_no_patch():
+    code = "import llamafactory.hparams.parser as p; print(p.FinetuningArguments.__module__)"
+    env = dict(cli_env(), EAFT_PLUGINS_DISABLE="1")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.stdout.strip() == "llamafactory.hparams.finetuning_args"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cli_env(), timeout=300)
+    assert out.stdout.strip() == "eaft_plugins.integrations.llamafactory"
+
+
+# ---------------------------------------------------------------- real training runs
+
+
+# Run in the interpreter of the LLaMA-Factory under test, so 0.9.4 is checked against its own data pipeline.
+REFERENCE_SCRIPT = """
+import json, sys
+import torch
+from eaft_plugins import EAFTOptions, eaft_loss
+from llamafactory.data import get_dataset, get_template_and_fix_tokenizer
+from llamafactory.hparams import get_train_args
+from llamafactory.model import load_tokenizer
+from transformers import AutoModelForCausalLM
+
+job = json.loads(sys.argv[1])
+model_args, data_args, training_args, _, _ = get_train_args(job["cfg"])
+tokenizer_module = load_tokenizer(model_args)
+template = get_template_and_fix_tokenizer(tokenizer_module["tokenizer"], data_args)
+ds = get_dataset(template, model_args, data_args, training_args, stage="sft", **tokenizer_module)["train_dataset"]
+rows = [ds[i] for i in range(job["batch_size"])]
+supervised = lambda r: sum(1 for t in r["labels"] if t != -100)
+n_items = sum(supervised(r) for r in rows)
+model = AutoModelForCausalLM.from_pretrained(job["cfg"]["model_name_or_path"], dtype=torch.float32).eval()
+loss, ce_sum, tokens = 0.0, 0.0, 0
+with torch.no_grad():
+    for r in rows:  # one row at a time: no padding at all
+        logits = model(input_ids=torch.tensor([r["input_ids"]])).logits
+        out = eaft_loss(logits, torch.tensor([r["labels"]]), options=EAFTOptions(**job["options"]),
+                        num_items_in_batch=n_items)
+        loss += out.loss.item()
+        ce_sum += float(out.stats.ce_sum)
+        tokens += int(out.stats.tokens)
+print("REFERENCE", json.dumps({"loss": loss, "ce": ce_sum / tokens, "tokens": tokens,
+                               "all_tokens": sum(supervised(ds[i]) for i in range(len(ds)))}))
+"""
+
+
+def first_batch_reference(model_dir, data_dir, tmp_path, batch_size, options=None, python=sys.executable):
+    """Step-1 numbers recomputed independently of the trainer: LLaMA-Factory's own tokenisation of
+    the first rows, the untouched model run on each row, and the core loss summed over rows with
+    N = all supervised tokens of the batch."""
+    cfg = train_config(model_dir, data_dir, tmp_path / "unused", steps=1, cutoff_len=128)
+    job = json.dumps({"cfg": cfg, "batch_size": batch_size, "options": options or {}})
+    proc = subprocess.run([python, "-c", REFERENCE_SCRIPT, job], capture_output=True, text=True, env=cli_env(python),
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.split("REFERENCE", 1)[1])
+
+
+def train(model_dir, data_dir, out, *, env=None, python=sys.executable, history=False, **overrides):
+    cfg = train_config(model_dir, data_dir, out, steps=STEPS, cutoff_len=128, **overrides)
+    proc = run_train(write_yaml(cfg, out.parent / f"{out.name}.yaml"), python=python, env=env, check=False,
+                     capture_output=True, timeout=1800)
+    assert proc.returncode == 0, f"llamafactory-cli train failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}"
+    rows = log_history(out)
+    return rows if history else [row for row in rows if "loss" in row]
+
+
+@pytest.fixture(scope="module")
+def eaft_run(smollm2_dir, data_dir, tmp_path_factory):
+    return train(smollm2_dir, data_dir, tmp_path_factory.mktemp("lf") / "eaft")
+
+
+@pytest.fixture(scope="module")
+def sft_run(smollm2_dir, data_dir, tmp_path_factory):
+    return train(smollm2_dir, data_dir, tmp_path_factory.mktemp("lf") / "sft", eaft=False)
+
+
+@pytest.fixture(scope="module")
+def reference(smollm2_dir, data_dir, tmp_path_factory):
+    return first_batch_reference(smollm2_dir, data_dir, tmp_path_factory.mktemp("lf_ref"), batch_size=4)
+
+
+@pytest.mark.e2e
+def test_eaft_run_logs_metrics_every_step(eaft_run):
+    assert [row["step"] for row in eaft_run] == list(range(1, STEPS + 1))
+    for row in eaft_run:
+        assert {"eaft/ce", "eaft/weight", "eaft/entropy", "eaft/conflict_frac"} <= set(row)
+        assert 0 < row["eaft/weight"] < 1 and 0 <= row["eaft/conflict_frac"] <= 1
+        assert row["loss"] < row["eaft/ce"]  # weights below 1 shrink the loss
+
+
+@pytest.mark.e2e
+def test_step_one_loss_is_our_core_loss(eaft_run, reference):
+    first = eaft_run[0]
+    assert first["loss"] == pytest.approx(reference["loss"], rel=1e-4)
+    assert first["eaft/ce"] == pytest.approx(reference["ce"], rel=1e-4)
+    assert first["eaft/tokens"] == reference["tokens"]
+
+
+@pytest.mark.e2e
+def test_plain_sft_with_the_same_seed_differs(eaft_run, sft_run, reference):
+    assert "eaft/ce" not in sft_run[0]
+    assert sft_run[0]["loss"] == pytest.approx(reference["ce"], rel=1e-4)  # plain CE on the same batch
+    assert abs(sft_run[0]["loss"] - eaft_run[0]["loss"]) > 0.05 * sft_run[0]["loss"]
+
+
+@pytest.mark.e2e
+def test_lora_run_uses_eaft_and_eval_reports_plain_ce(smollm2_dir, data_dir, tmp_path, reference):
+    history = train(smollm2_dir, data_dir, tmp_path / "lora", lora=True, history=True,
+                    eval_dataset="eaft_demo_math", eval_strategy="steps", eval_steps=STEPS,
+                    per_device_eval_batch_size=4)
+    rows = [row for row in history if "loss" in row]
+    assert rows[0]["loss"] == pytest.approx(reference["loss"], rel=1e-4)  # LoRA starts at the base model
+    assert all("eaft/weight" in row for row in rows)
+    evals = [row for row in history if "eval_loss" in row]
+    assert len(evals) == 1 and "eaft/ce" not in evals[0]
+    ev = evals[0]
+    assert ev["eval_eaft/tokens"] == reference["all_tokens"]  # every eval token, counted once
+    assert ev["eval_loss"] < ev["eval_eaft/ce"]  # eval_loss is EAFT-weighted; eval_eaft/ce is plain CE
+    assert 0 < ev["eval_eaft/weight"] < 1
+
+
+@pytest.mark.e2e
+def test_weight_norm_mean_uses_the_previous_step(smollm2_dir, data_dir, tmp_path):
+    # Two micro-batches per step: the divisor must be the whole previous step's mean.
+    rows = train(smollm2_dir, data_dir, tmp_path / "wn", eaft_weight_norm="mean",
+                 per_device_train_batch_size=2, gradient_accumulation_steps=2)
+    assert rows[0]["eaft/weight"] == pytest.approx(1.0, rel=1e-6)  # first step: its own mean
+    for prev, row in zip(rows, rows[1:]):  # later: soft weights (alpha 1) / last step's mean entropy
+        assert row["eaft/weight"] == pytest.approx(row["eaft/entropy"] / prev["eaft/entropy"], rel=1e-5)
+
+
+@pytest.mark.e2e
+def test_two_process_torchrun_reduces_metrics_over_ranks(smollm2_dir, data_dir, tmp_path, reference):
+    env = dict(cli_env(), FORCE_TORCHRUN="1", NNODES="1", NPROC_PER_NODE="2", MASTER_PORT="29731",
+               OMP_NUM_THREADS="1")
+    rows = train(smollm2_dir, data_dir, tmp_path / "ddp", env=env, per_device_train_batch_size=2, ddp_backend="gloo")
+    # Two ranks x 2 rows cover the same 4 rows as the single-process step 1.
+    assert rows[0]["eaft/tokens"] == reference["tokens"]
+    assert rows[0]["eaft/ce"] == pytest.approx(reference["ce"], rel=1e-4)
+    assert rows[0]["loss"] == pytest.approx(reference["loss"], rel=1e-4)
+
+
+@pytest.mark.e2e
+def test_v1_trainer_is_refused(smollm2_dir, data_dir, tmp_path):
+    cfg = train_config(smollm2_dir, data_dir, tmp_path / "v1", steps=1)
+    env = dict(cli_env(), USE_V1="1")
+    proc = run_train(write_yaml(cfg, tmp_path / "v1.yaml"), env=env, check=False, capture_output=True, timeout=600)
+    assert proc.returncode != 0
+    assert "the v1 trainer (USE_V1=1) ignores use_eaft_loss" in proc.stdout + proc.stderr
+
+
+@pytest.mark.e2e
+def test_topk_larger_than_the_vocabulary_stops_before_training(smollm2_dir, data_dir, tmp_path):
+    cfg = train_config(smollm2_dir, data_dir, tmp_path / "big", steps=1, eaft_topk=60000)
+    proc = run_train(write_yaml(cfg, tmp_path / "big.yaml"), check=False, capture_output=True, timeout=600)
+    assert proc.returncode != 0
+    assert "LLaMA-Factory key `eaft_topk`: topk=60000 is larger than the vocabulary (49152)" in proc.stderr
+    assert not (tmp_path / "big" / "trainer_state.json").exists()
+
+
+@pytest.mark.e2e
+def test_fused_run_matches_the_dense_first_step(smollm2_dir, data_dir, tmp_path, reference, eaft_run):
+    """eaft_fused: true computes the loss from hidden states (no logits) and logs the same metrics."""
+    rows = train(smollm2_dir, data_dir, tmp_path / "fused", eaft_fused=True)
+    assert rows[0]["loss"] == pytest.approx(reference["loss"], rel=1e-4)
+    assert rows[0]["eaft/ce"] == pytest.approx(reference["ce"], rel=1e-4)
+    assert rows[0]["eaft/tokens"] == reference["tokens"]
+    for dense, fused in zip(eaft_run, rows):  # same updates, so later steps agree too
+        assert fused["loss"] == pytest.approx(dense["loss"], rel=2e-3)
+        assert fused["eaft/weight"] == pytest.approx(dense["eaft/weight"], rel=2e-3)
+
+
+@pytest.mark.e2e
+def test_fused_on_an_unsupported_family_stops_before_training(smollm2_dir, data_dir, tmp_path):
+    """A GPT-2 model (not Llama / Qwen2 / Qwen3) with eaft_fused: a clear error, no dense fall-back."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = tmp_path / "gpt2"
+    config = GPT2Config(vocab_size=49152, n_positions=256, n_embd=32, n_layer=1, n_head=2)
+    GPT2LMHeadModel(config).save_pretrained(gpt2)
+    for f in smollm2_dir.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
+            (gpt2 / f.name).write_bytes(f.read_bytes())
+    cfg = train_config(gpt2, data_dir, tmp_path / "out", steps=1, cutoff_len=64, eaft_fused=True)
+    proc = run_train(write_yaml(cfg, tmp_path / "gpt2.yaml"), check=False, capture_output=True, timeout=600)
+    assert proc.returncode != 0
+    assert ("`eaft_fused: true`: fused EAFT supports LlamaForCausalLM, Qwen2ForCausalLM, "
+            "Qwen3ForCausalLM; got GPT2LMHeadModel; or set `eaft_fused: false`") in proc.stderr
+    assert not (tmp_path / "out" / "trainer_state.json").exists()
+
+
+LF094 = ROOT / ".venv-lf094" / "bin" / "python"
+
+
+def model_for_transformers4(model_dir, dest):
+    """The SmolLM2 copy for transformers 4.57 (LLaMA-Factory 0.9.4's pin): the same weights, with the
+    two settings transformers 5 writes in a form 4.57 does not read: the tokenizer class
+    (`TokenizersBackend`) and rope_theta (inside `rope_parameters`; 4.57 would use 10000)."""
+    dest.mkdir()
+    for f in model_dir.iterdir():
+        if f.name not in ("tokenizer_config.json", "config.json"):
+            (dest / f.name).symlink_to(f)
+    tok = json.loads((model_dir / "tokenizer_config.json").read_text())
+    tok["tokenizer_class"] = "PreTrainedTokenizerFast"
+    (dest / "tokenizer_config.json").write_text(json.dumps(tok))
+    cfg = json.loads((model_dir / "config.json").read_text())
+    cfg["rope_theta"] = cfg.get("rope_parameters", {}).get("rope_theta", cfg.get("rope_theta"))
+    (dest / "config.json").write_text(json.dumps(cfg))
+    return dest
+
+
+@pytest.mark.e2e
+def test_llamafactory_094_gains_the_flag(smollm2_dir, data_dir, tmp_path):
+    """0.9.4 has no use_eaft_loss at all: the plugin adds it and runs our loss."""
+    if not LF094.exists():
+        pytest.skip("SKIPPED: needs .venv-lf094 (llamafactory 0.9.4): run scripts/setup.sh lf094")
+    version = subprocess.run([str(LF094), "-c", "import importlib.metadata as m; print(m.version('llamafactory'))"],
+                             capture_output=True, text=True).stdout.strip()
+    assert version == "0.9.4"
+    model_dir = model_for_transformers4(smollm2_dir, tmp_path / "smollm2_tf4")
+    rows = train(model_dir, data_dir, tmp_path / "v094", python=str(LF094), eaft_topk=10)
+    assert all("eaft/weight" in row for row in rows)
+    ref = first_batch_reference(model_dir, data_dir, tmp_path, 4, {"topk": 10}, python=str(LF094))
+    assert rows[0]["eaft/ce"] == pytest.approx(ref["ce"], rel=1e-4)
+    assert rows[0]["loss"] == pytest.approx(ref["loss"], abs=6e-5)  # transformers 4.57 rounds `loss` to 4 places
