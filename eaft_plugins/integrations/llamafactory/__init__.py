@@ -21,6 +21,7 @@ import sys
 from ... import _bootstrap
 from ...activation import distribution_version, guarded, record_error, record_patch
 from ...options import KEYS, SETTINGS, EAFTConfig, Spelling, config_from_keys, parse_bool
+from ...retention import keys as retention_keys
 from ...run import EAFTRun
 
 NAME = "llamafactory"
@@ -28,6 +29,7 @@ SUPPORTED_VERSIONS = ("0.9.4", "0.9.5")
 DOCTOR_IMPORTS = ("llamafactory.hparams.parser", "llamafactory.train.sft.trainer")
 
 SPELLING = Spelling("LLaMA-Factory key `{key}`", "`{key}: {value}`")
+RETENTION_SHOWN = "LLaMA-Factory key `{key}`"
 UPSTREAM_KEYS = ("use_eaft_loss", "eaft_alpha")  # LLaMA-Factory 0.9.5 defines these itself
 OUR_KEYS = tuple(k for k in KEYS if k not in UPSTREAM_KEYS)
 
@@ -52,6 +54,9 @@ def _fields_to_add(base) -> list:
         default = 1.0 if setting.key == "eaft_alpha" else None  # as upstream 0.9.5 declares it
         new.append((setting.key, setting.field_type, dataclasses.field(
             default=default, metadata={"help": f"EAFT: {setting.help} (default {setting.default_text})"})))
+    for key, (field_type, help_text) in retention_keys.FIELDS.items():  # any loss, not EAFT keys
+        if key not in have:
+            new.append((key, field_type, dataclasses.field(default=None, metadata={"help": help_text})))
     return new
 
 
@@ -83,6 +88,7 @@ def _make_args_class(base):
         else:
             _refuse_keys_without_eaft(_set_keys(self))  # keys with an upstream default: see check_written_keys
             self.eaft_config = self.eaft_options = None
+        retention_keys.check_keys(self.retention_probe, self.retention_steps, RETENTION_SHOWN)
 
     cls = dataclasses.make_dataclass(base.__name__, new_fields, bases=(base,), namespace={"__post_init__": __post_init__})
     cls.__module__ = __name__
@@ -175,6 +181,9 @@ def _guard_get_train_args(parser) -> None:
         parsed = original(args)
         model_args, _, training_args, finetuning_args, _ = parsed
         check_combination(model_args, training_args, finetuning_args)
+        if getattr(finetuning_args, "retention_probe", None) is not None and finetuning_args.stage != "sft":
+            raise ValueError(f"LLaMA-Factory key `retention_probe` needs `stage: sft` (got {finetuning_args.stage}): "
+                             "the monitor is installed on the SFT trainer; drop retention_probe")
         return parsed
 
     get_train_args.__wrapped__ = original
@@ -250,6 +259,9 @@ def _patch_trainer(trainer_module) -> None:
         original_init(self, finetuning_args, *args, **kwargs)
         if getattr(finetuning_args, "use_eaft_loss", False):
             _use_eaft(self, finetuning_args)
+        if getattr(finetuning_args, "retention_probe", None) is not None:
+            retention_keys.attach(self, finetuning_args.retention_probe, finetuning_args.retention_steps,
+                                  RETENTION_SHOWN)
 
     def compute_loss(self, model, inputs, *args, **kwargs):
         run = getattr(self, "_eaft", None)

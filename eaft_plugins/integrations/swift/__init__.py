@@ -78,10 +78,16 @@ def _patch_trainer(seq2seq_trainer) -> None:
         loss = getattr(self, "compute_loss_func", None)
         if isinstance(loss, EAFTLoss):
             loss.bind_trainer(self)  # top-K vs vocabulary; with --eaft_fused, the fused forward
+        probe = getattr(self.args, "retention_probe", None)
+        if probe is not None:  # any --loss_type (handed over by swift/args.py)
+            from ...retention import keys as retention_keys
+
+            retention_keys.attach(self, probe, getattr(self.args, "retention_steps", None), "--{key}")
 
     cls.__init__ = __init__
     cls._eaft_plugins = True
-    record_patch(NAME, "swift.trainers.Seq2SeqTrainer.__init__: EAFT loss bound to the model (--eaft_topk check, --eaft_fused)")
+    record_patch(NAME, "swift.trainers.Seq2SeqTrainer.__init__: EAFT loss bound to the model (--eaft_topk check, "
+                       "--eaft_fused), --retention_probe monitor")
 
 
 def runtime_problems() -> list:

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Dict, Optional
 
 from ..fields import add_fields
+from ...retention import keys as retention_keys
 from ...options import SETTINGS, EAFTConfig, EAFTOptions, Spelling, config_from_keys
 
 LOSS_TYPE = "eaft"
@@ -94,8 +95,23 @@ def attach(training_args, config: EAFTConfig) -> None:
     training_args.eaft_config = config
 
 
+def check_retention(args) -> bool:
+    """--retention_probe / --retention_steps (any --loss_type): validated here; True when the monitor is on."""
+    on = retention_keys.check_keys(getattr(args, "retention_probe", None), getattr(args, "retention_steps", None),
+                                   "--{key}")
+    if on and type(args).__name__.startswith("Megatron"):
+        raise ValueError("--retention_probe is not supported by `megatron sft` (the monitor runs on the transformers "
+                         "Trainer of `swift sft`); drop it, or measure retention afterwards with eaft-repro "
+                         "(docs/retention.md)")
+    if on and getattr(args, "rlhf_type", None) is not None:
+        raise ValueError(f"--retention_probe is for `swift sft` / `swift pt`, not rlhf (--rlhf_type {args.rlhf_type}); "
+                         "drop it")
+    return on
+
+
 def extend_sft_arguments(cls) -> None:
-    """Add the FLAGS as dataclass fields of `cls` (in place) and validate them in __post_init__."""
+    """Add the FLAGS (and the retention flags) as dataclass fields of `cls` (in place), validated in __post_init__."""
+    add_fields(cls, retention_keys.FIELDS)
     if not add_fields(cls, FLAGS):
         return
 
@@ -103,9 +119,14 @@ def extend_sft_arguments(cls) -> None:
 
     def __post_init__(self, *a, **kw):
         config = check_arguments(self)  # before the slow part: bad flags fail fast
+        retention = check_retention(self)
         original(self, *a, **kw)
         if config is not None and getattr(self, "training_args", None) is not None:
             attach(self.training_args, config)
+        if retention and getattr(self, "training_args", None) is not None:
+            # the trainer's TrainingArguments copy drops unknown fields: hand the two over
+            self.training_args.retention_probe = self.retention_probe
+            self.training_args.retention_steps = self.retention_steps
 
     __post_init__.__wrapped__ = original
     cls.__post_init__ = __post_init__

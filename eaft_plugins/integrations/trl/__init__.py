@@ -26,11 +26,13 @@ from ... import _bootstrap
 from ...activation import distribution_version, guarded, record_error, record_patch
 from ..fields import add_fields
 from ...options import SETTINGS, EAFTConfig, Spelling, config_from_keys
+from ...retention import keys as retention_keys
 
 NAME = "trl"
 LOSS_TYPE = "eaft"
 SPELLING = Spelling("SFTConfig field `{key}` (--{key})", "{key}={value}")
 SHOWN_LOSS = 'loss_type="eaft"'
+RETENTION_SHOWN = "SFTConfig field `{key}` (--{key})"
 # (release prefix, why it is supported). Others: loss_type="eaft" is refused, naming these.
 SUPPORTED = (("0.24", "the release LLaMA-Factory 0.9.5 pins"), ("1.16", "the newest release, tested"))
 SUPPORTED_TEXT = " and ".join(f"{v}.x ({why})" for v, why in SUPPORTED)
@@ -105,6 +107,7 @@ def check_config(args) -> Optional[EAFTConfig]:
 
 def extend_sft_config(cls) -> None:
     """Add FIELDS to the SFTConfig dataclass in place, add "eaft" to loss_type's choices, check in __post_init__."""
+    add_fields(cls, retention_keys.FIELDS)  # any loss_type: not EAFT fields
     if not add_fields(cls, FIELDS, _add_loss_type_choice):
         return
 
@@ -113,6 +116,7 @@ def extend_sft_config(cls) -> None:
     @functools.wraps(original)
     def __post_init__(self, *a, **kw):
         check_config(self)  # bad settings fail before the (slower) TrainingArguments set-up
+        retention_keys.check_keys(self.retention_probe, self.retention_steps, RETENTION_SHOWN)
         original(self, *a, **kw)
 
     cls.__post_init__ = __post_init__
@@ -146,6 +150,11 @@ def patch_sft_trainer(cls) -> None:
 
     @functools.wraps(init)
     def __init__(self, *a, **kw):
+        init_eaft(self, *a, **kw)
+        if getattr(self.args, "retention_probe", None) is not None:
+            retention_keys.attach(self, self.args.retention_probe, self.args.retention_steps, RETENTION_SHOWN)
+
+    def init_eaft(self, *a, **kw):
         bound = signature.bind(self, *a, **kw)
         args = bound.arguments.get("args")
         config = check_config(args) if args is not None else None
