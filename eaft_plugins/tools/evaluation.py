@@ -1,5 +1,6 @@
 """Evaluation helpers shared by eaft-analyze and eaft-repro: chat rendering, batched scoring,
-generation, multiple-choice ranking, KL drift and bootstrap intervals.
+generation, multiple-choice ranking and bootstrap intervals (the KL drift, general-text NLL and
+right-choice log-prob are eaft_plugins.retention's, shared with the live monitor).
 
 Everything runs on CPU or GPU with a plain Hugging Face causal LM.
 """
@@ -120,27 +121,6 @@ def sequence_logprobs(model, tok, seqs: Sequence[Tuple[List[int], List[int]]], b
         lp = torch.where(keep, lp, torch.zeros_like(lp))
         out.extend(zip(lp.sum(1).tolist(), keep.sum(1).tolist()))
     return out
-
-
-@torch.no_grad()
-def supervised_logprobs(model, tok, seqs: Sequence[Tuple[List[int], List[int]]], batch_size: int = 8) -> List[torch.Tensor]:
-    """Per sequence: next-token log-probabilities [n_supervised, V] (fp32, CPU) at its supervised positions."""
-    device = next(model.parameters()).device
-    out: List[torch.Tensor] = []
-    for _, batch in chunks(seqs, batch_size):
-        ids, mask, lab = pad_batch(batch, tok.pad_token_id, device)
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-        keep = lab[:, 1:] != IGNORE
-        for i in range(len(batch)):
-            out.append(torch.log_softmax(logits[i][keep[i]].float(), -1).cpu())
-    return out
-
-
-def mean_kl(base_logprobs: Sequence[torch.Tensor], tuned, tok, seqs, batch_size: int = 8) -> List[float]:
-    """Per sequence: mean over supervised positions of KL(base || tuned) of the next-token
-    distribution; base_logprobs from supervised_logprobs(base, ...) on the same seqs."""
-    tuned_lp = supervised_logprobs(tuned, tok, seqs, batch_size)
-    return [float((b.exp() * (b - t)).sum(-1).mean()) if b.numel() else 0.0 for b, t in zip(base_logprobs, tuned_lp)]
 
 
 @torch.no_grad()

@@ -32,10 +32,12 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from . import mathgen
-from .evaluation import (bootstrap_ci, encode_pair, end_token, generate, load_model, mean_kl, paired_delta_ci,
-                         rank_choices, render_prompt, sequence_logprobs, supervised_logprobs, write_json)
+from ..retention.monitor import RetentionMonitor
+from ..retention.probe import Row
+from .evaluation import (bootstrap_ci, encode_pair, end_token, generate, load_model, paired_delta_ci, rank_choices,
+                         render_prompt, sequence_logprobs, write_json)
 
-DATA = Path(__file__).with_name("data")
+DATA = Path(__file__).resolve().parents[1] / "data"
 # SmolLM2's chat template adds this system prompt when none is given; training uses it too.
 SMOL_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 ARMS = ("sft", "eaft")
@@ -77,7 +79,8 @@ class Settings:
 
     def eval_spec(self) -> dict:
         keys = ("data_dir", "eval_n", "mc_n", "prompts_n", "texts_n", "max_new_tokens", "general_new_tokens")
-        return {k: getattr(self, k) for k in keys}
+        # kl / text_nll / mc_logprob come from the retention monitor (one implementation with the live one)
+        return {**{k: getattr(self, k) for k in keys}, "general": "retention-monitor"}
 
 
 # ----------------------------------------------------------------------------- data
@@ -192,17 +195,17 @@ class Evaluator:
         self.s, self.data, self.device, self.progress = s, data, device, progress
         self.base, self.tok = load_model(s.model, device)
         tok = self.tok
-        self.base_answers = generate(self.base, tok, [render_prompt(tok, p) for p in data["prompts"]],
-                                     s.general_new_tokens, s.eval_batch)
-        self.kl_seqs = [encode_pair(tok, render_prompt(tok, p), a + end_token(tok), s.cutoff * 2)
-                        for p, a in zip(data["prompts"], self.base_answers)]
-        self.base_lp = supervised_logprobs(self.base, tok, self.kl_seqs, s.eval_batch)
+        # The general numbers (KL along the base's greedy answers, text NLL, right-choice log-prob) are the
+        # retention monitor's, with the full base distribution stored (topk=None: the exact KL).
+        rows = ([Row("prompt", p, where=f"general prompt {i + 1}") for i, p in enumerate(data["prompts"])]
+                + [Row("text", t, where=f"general text {i + 1}") for i, t in enumerate(data["texts"])]
+                + [Row("mc", it["question"], tuple(it["choices"]), it["answer"], f"MC item {i + 1}")
+                   for i, it in enumerate(data["mc"])])
+        self.general = RetentionMonitor(rows, tok, topk=None, max_new_tokens=s.general_new_tokens,
+                                        batch_size=s.eval_batch)
+        self.general.build_reference(self.base)
         self.ref_seqs = [encode_pair(tok, render_prompt(tok, it["question"]), it["answer"] + end_token(tok), s.cutoff * 2)
                          for it in data["test"]]
-        self.text_seqs = []
-        for t in data["texts"]:
-            ids = tok(t, add_special_tokens=False)["input_ids"][: s.cutoff * 2]
-            self.text_seqs.append((ids, [-100] + ids[1:]))
 
     def evaluate(self, model) -> Dict[str, List[float]]:
         s, tok, d = self.s, self.tok, self.data
@@ -211,15 +214,15 @@ class Evaluator:
         acc = [float(_same_number(mathgen.final_answer(a), it["final"])) for a, it in zip(answers, d["test"])]
         ref = sequence_logprobs(model, tok, self.ref_seqs, s.eval_batch)
         mc = rank_choices(model, tok, d["mc"], s.cutoff * 2)
-        txt = sequence_logprobs(model, tok, self.text_seqs, s.eval_batch)
-        kl = [0.0] * len(self.kl_seqs) if model is self.base else mean_kl(self.base_lp, model, tok, self.kl_seqs, s.eval_batch)
+        general = self.general.per_item(model)
+        kl = [0.0] * len(general["kl"]) if model is self.base else general["kl"]
         return {
             "target_acc": acc,
             "target_nll": [-lp / max(n, 1) for lp, n in ref],
             "mc_acc": [r["correct"] for r in mc],
-            "mc_logprob": [r["logprob"] for r in mc],
+            "mc_logprob": general["mc_logp"],
             "kl": kl,
-            "text_nll": [-lp / max(n, 1) for lp, n in txt],
+            "text_nll": general["text_nll"],
             "_answers": answers[:5],
         }
 
