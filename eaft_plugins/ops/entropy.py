@@ -21,8 +21,40 @@ def entropy_of_logits(values: torch.Tensor) -> torch.Tensor:
 def topk_entropy(z: torch.Tensor, k: Optional[int]) -> torch.Tensor:
     """Entropy of the softmax over the K largest logits of each row (all of them if k is None)."""
     if k is None or k >= z.size(-1):
-        return entropy_of_logits(z)
+        return exact_scores(z)[1]
     return entropy_of_logits(torch.topk(z, k, dim=-1, sorted=False).values)
+
+
+# Elements per block of exact_scores' pass: on the CPU two 1 MB fp32 blocks stay in cache, so the
+# exponentials never go to memory; on a GPU larger blocks keep each kernel big.
+CPU_BLOCK = 1 << 18
+DEVICE_BLOCK = 1 << 22
+
+
+def exact_scores(z: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(logsumexp, exact entropy in nats) of each row of z [C, V], from one pass of exponentials.
+
+    With d = z - max and e = exp(d): logsumexp = max + ln sum e and H = ln sum e - sum(e * d) / sum e.
+    Every e * d is <= 0, so the sum does not cancel, however large the logits. The logsumexp takes
+    torch.logsumexp's steps (bitwise equal, tested). z is only read.
+    """
+    z = z.to(torch.promote_types(z.dtype, torch.float32))
+    m = torch.amax(z, dim=-1, keepdim=True)
+    m_flat = m.squeeze(-1)
+    m_flat.masked_fill_(m_flat.abs() == math.inf, 0)  # rows of all -inf (or an inf) stay finite here
+    rows, vocab = z.shape
+    block = max(1, min(rows, (CPU_BLOCK if z.device.type == "cpu" else DEVICE_BLOCK) // max(vocab, 1)))
+    d_buf, e_buf = z.new_empty((block, vocab)), z.new_empty((block, vocab))
+    total, dot = z.new_empty(rows), z.new_empty(rows)
+    lowest = torch.finfo(z.dtype).min
+    for r0 in range(0, rows, block):
+        r1 = min(r0 + block, rows)
+        d = torch.sub(z[r0:r1], m[r0:r1], out=d_buf[: r1 - r0]).clamp_min_(lowest)  # -inf logit: e * d = 0, not NaN
+        e = torch.exp(d, out=e_buf[: r1 - r0])
+        torch.sum(e, dim=-1, out=total[r0:r1])
+        torch.sum(e.mul_(d), dim=-1, out=dot[r0:r1])
+    log_total = total.log()
+    return log_total + m_flat, log_total - dot / total
 
 
 def chunk_scores(
@@ -30,11 +62,16 @@ def chunk_scores(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """For fp32 logit rows z [C, V] and labels y [C]: (logsumexp, label logit, normalised entropy).
 
-    work: optional [C, V] scratch for logsumexp's temporary (it may be z itself, which is then
-    overwritten): reusing one buffer across chunks spares a fresh [C, V] allocation per chunk.
+    work: optional [C, V] scratch for the top-K path's logsumexp temporary (it may be z itself,
+    which is then overwritten): reusing one buffer across chunks spares a fresh [C, V] allocation
+    per chunk. The exact entropy (topk None or >= V) needs no scratch and leaves z intact.
     """
     z_y = z.gather(1, y.unsqueeze(1)).squeeze(1)
-    h_norm = topk_entropy(z, opts.topk) / opts.entropy_divisor(z.size(-1))
+    divisor = opts.entropy_divisor(z.size(-1))
+    if opts.topk is None or opts.topk >= z.size(-1):
+        lse, h = exact_scores(z)
+        return lse, z_y, h / divisor
+    h_norm = topk_entropy(z, opts.topk) / divisor
     lse = torch.logsumexp(z, dim=-1) if work is None else _logsumexp_into(z, work)
     return lse, z_y, h_norm
 
