@@ -19,6 +19,11 @@ need every token's entropy before any weight is known: pass 1 computes the logit
 chunk for lse / CE / Htilde only ([N] vectors are kept), the core turns them into weights,
 pass 2 recomputes each chunk's logits for the gradients (4 matmuls per chunk instead of 3).
 
+`logit_transform` (a `LogitTransform`: kind "scale", "divide" or "softcap" and its constant) is
+applied to each chunk's logits before they are scored, the way the model family's forward applies it
+to its logits (Cohere's logit_scale, Granite's logits_scaling, Gemma's final_logit_softcapping); its
+derivative is chained into the hand-computed gradient (soft-cap: d z = d z' * (1 - (z'/c)^2)).
+
 Under torch.autocast the matmuls run in the autocast dtype (like the model's lm_head would);
 scores are always computed in fp32 (float64 stays float64). With bf16 weights the weight
 gradient is accumulated in bf16 across chunks (as Liger does); with fp32 weights (mixed
@@ -27,7 +32,10 @@ precision with fp32 master weights) it is accumulated in fp32.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Union
+
+import math
 
 import torch
 
@@ -36,6 +44,71 @@ from .common import (EAFTOutput, loss_denominator, row_chunks, align_labels, ce_
                    compute_dtype, supervised_rows)
 from ..options import EAFTOptions, OptionsLike, make_options
 from ..stats import EAFTStats
+
+@dataclass(frozen=True)
+class LogitTransform:
+    """What a model family's forward does to `lm_head(h)`: z' = c*z ("scale"), z/c ("divide"),
+    c*tanh(z/c) ("softcap"), or nothing ("none"). Applied in the same order of operations as the
+    families' own code, so float64 results match it bit for bit."""
+
+    kind: str = "none"
+    value: float = 1.0
+
+    KINDS = ("none", "scale", "divide", "softcap")
+
+    def __post_init__(self):
+        if self.kind not in self.KINDS:
+            raise ValueError(f"logit transform kind must be one of {self.KINDS}, got {self.kind!r}")
+        if isinstance(self.value, bool) or not isinstance(self.value, (int, float)) or not math.isfinite(self.value):
+            raise ValueError(f"logit transform {self.kind!r} needs a finite number, got {self.value!r}")
+        if self.kind in ("divide", "softcap") and self.value <= 0 or self.kind == "scale" and self.value == 0:
+            raise ValueError(f"logit transform {self.kind!r} needs a {'positive' if self.kind != 'scale' else 'non-zero'} "
+                             f"constant, got {self.value!r}")
+
+    def __str__(self) -> str:
+        return {"none": "none", "scale": f"z * {self.value:g}", "divide": f"z / {self.value:g}",
+                "softcap": f"{self.value:g} * tanh(z / {self.value:g})"}[self.kind]
+
+    def apply_(self, z: torch.Tensor) -> torch.Tensor:
+        """z' in place."""
+        if self.kind == "scale":
+            z.mul_(self.value)
+        elif self.kind == "divide":
+            z.div_(self.value)
+        elif self.kind == "softcap":
+            z.div_(self.value).tanh_().mul_(self.value)
+        return z
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        """z' out of place (autograd-safe), e.g. for the dense reference."""
+        if self.kind == "scale":
+            return z * self.value
+        if self.kind == "divide":
+            return z / self.value
+        if self.kind == "softcap":
+            return torch.tanh(z / self.value) * self.value
+        return z
+
+    def slope(self, z_out: torch.Tensor, work: torch.Tensor) -> Optional[torch.Tensor]:
+        """dz'/dz from the transformed logits where it varies per entry (soft-cap: 1 - (z'/c)^2), in `work`."""
+        if self.kind != "softcap":
+            return None
+        t = torch.div(z_out, self.value, out=work)
+        return t.mul_(t).neg_().add_(1.0)
+
+    def chain_(self, g: torch.Tensor, slope: Optional[torch.Tensor]) -> torch.Tensor:
+        """d loss/dz from d loss/dz' (in place)."""
+        if self.kind == "scale":
+            g.mul_(self.value)
+        elif self.kind == "divide":
+            g.div_(self.value)
+        elif self.kind == "softcap":
+            g.mul_(slope)
+        return g
+
+
+NO_TRANSFORM = LogitTransform()
+
 
 # Rows of the weight gradient formed at a time when it must be cast before accumulation
 # (bf16 products into fp32 master-weight gradients): bounds that temporary to V_BLOCK x H.
@@ -55,13 +128,14 @@ def fused_linear_eaft_loss(
     token_scale: Optional[torch.Tensor] = None,
     chunk_size: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
+    logit_transform: Optional[LogitTransform] = None,
     **option_overrides,
 ) -> EAFTOutput:
-    """EAFT loss of `hidden @ weight.T + bias` without materialising the logits.
+    """EAFT loss of `hidden @ weight.T + bias` (then `logit_transform`) without materialising the logits.
 
     hidden [..., H] (e.g. [B, T, H] last hidden states), weight [V, H] (the LM head), bias [V]
     or None, labels [...] (unshifted when shift=True). Same options, results, stats and errors
-    as `eaft_loss(F.linear(hidden, weight, bias), labels, ...)`. chunk_size: supervised tokens
+    as `eaft_loss(logit_transform(F.linear(hidden, weight, bias)), labels, ...)`. chunk_size: supervised tokens
     per chunk (default: options.chunk_size, else ~16M fp32 logits per chunk).
     """
     opts = make_options(options, **option_overrides)
@@ -80,10 +154,12 @@ def fused_linear_eaft_loss(
     flat = hidden.reshape(-1, width)
     idx, y = supervised_rows(labels.reshape(-1), vocab, opts.ignore_index)
     scale = None if token_scale is None else token_scale.reshape(-1).to(hidden.device)[idx]
+    if logit_transform is not None and not isinstance(logit_transform, LogitTransform):
+        raise ValueError(f"logit_transform must be a LogitTransform or None, got {type(logit_transform).__name__}")
     rows = chunk_size or opts.rows_per_chunk(vocab)
     loss, stats = _FusedLinearEAFT.apply(
         flat, weight, bias, idx, y, scale, num_items_in_batch, mean_weight, generator, opts, rows, _matmul_dtype(hidden, weight),
-        torch.is_grad_enabled(),
+        torch.is_grad_enabled(), logit_transform or NO_TRANSFORM,
     )
     return EAFTOutput(loss, EAFTStats.from_vector(stats))
 
@@ -102,10 +178,12 @@ def _matmul_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 
 class _FusedLinearEAFT(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, flat, weight, bias, idx, y, scale, num_items, mean_weight, generator, opts, rows, mm_dtype, grad_on):
+    def forward(ctx, flat, weight, bias, idx, y, scale, num_items, mean_weight, generator, opts, rows, mm_dtype, grad_on,
+                transform):
         want = [grad_on and need for need in ctx.needs_input_grad]  # no gradient work under no_grad (eval)
         with torch.no_grad(), torch.autocast(flat.device.type, enabled=False):
-            run = _Chunks(flat, weight, bias, idx, y, rows, mm_dtype, want[0], want[1], want[2] and bias is not None)
+            run = _Chunks(flat, weight, bias, idx, y, rows, mm_dtype, want[0], want[1], want[2] and bias is not None,
+                          transform)
             denom = loss_denominator(num_items, idx.numel(), flat.device)
             n = idx.numel()
             lse = flat.new_empty(n, dtype=compute_dtype(mm_dtype))
@@ -156,7 +234,7 @@ class _FusedLinearEAFT(torch.autograd.Function):
             for g in grads:
                 if g is not None:
                     g.mul_(grad_out.to(g.dtype))
-        return (*grads, None, None, None, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None, None, None, None)
 
 
 def _score(run, z, y, opts, lse, ce, h_norm, start, stop, keep_z):
@@ -172,8 +250,9 @@ class _Chunks:
     fp32 copy (later the fp32 gradient), and logsumexp's scratch.
     """
 
-    def __init__(self, flat, weight, bias, idx, y, rows, mm_dtype, grad_hidden, grad_weight, grad_bias):
+    def __init__(self, flat, weight, bias, idx, y, rows, mm_dtype, grad_hidden, grad_weight, grad_bias, transform):
         self.flat, self.weight, self.bias, self.idx, self.y = flat, weight, bias, idx, y
+        self.transform = transform
         self.rows = min(rows, max(idx.numel(), 1))
         self.mm_dtype, self.dtype = mm_dtype, compute_dtype(mm_dtype)
         # Cast once (autocast would cache the same copy); a no-op when dtypes already agree.
@@ -196,7 +275,7 @@ class _Chunks:
             yield from row_chunks(self.idx, self.rows)
 
     def logits(self, start, stop, first):
-        """fp32 logits of the chunk (a buffer reused by the next chunk)."""
+        """fp32 logits of the chunk after the logit transform (a buffer reused by the next chunk)."""
         if first is not None:
             h = self.flat.narrow(0, first, stop - start)
         else:
@@ -207,9 +286,9 @@ class _Chunks:
             torch.mm(self._h, self.w.t(), out=out)
         else:
             torch.addmm(self.b, self._h, self.w.t(), out=out)
-        if self.mm_dtype == self.dtype:
-            return out
-        return self._buffer("_z", self.dtype)[: stop - start].copy_(out)
+        if self.mm_dtype != self.dtype:
+            out = self._buffer("_z", self.dtype)[: stop - start].copy_(out)
+        return self.transform.apply_(out)
 
     def scores(self, z, y, opts, keep_z):
         """chunk_scores; z is left intact only when keep_z (it is needed for the gradient)."""
@@ -217,8 +296,9 @@ class _Chunks:
         return chunk_scores(z, y, opts, work=work)
 
     def backprop(self, z, lse, coef, start, stop, first):
-        """z: this chunk's fp32 logits (overwritten). Adds the chunk's gradients."""
-        g32 = ce_grad_rows(z, lse, self.y[start:stop], coef, out=z)
+        """z: this chunk's fp32 (transformed) logits (overwritten). Adds the chunk's gradients."""
+        slope = self.transform.slope(z, self._buffer("_work", self.dtype)[: z.size(0)])
+        g32 = self.transform.chain_(ce_grad_rows(z, lse, self.y[start:stop], coef, out=z), slope)
         g = g32 if self.mm_dtype == self.dtype else self._out[: stop - start].copy_(g32)
         if self.gb is not None:
             self.gb.add_(g32.sum(0))

@@ -155,12 +155,15 @@ def test_without_labels_the_original_forward_runs_and_unpatch_restores():
     assert out.logits is not None and not hasattr(out, "eaft_stats")
 
 
-def test_unsupported_family_raises_naming_the_supported_ones():
+def test_a_denied_family_raises_naming_the_reason():
+    """Families are read from their forward (tests/ops/test_hf_patch_families.py); a denied one says why."""
     import transformers
 
-    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)).to(DEVICE)
-    with pytest.raises(ValueError, match="supports LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM; got GPT2LMHeadModel"):
-        patch_model_for_fused_eaft(gpt2)
+    config = transformers.BartConfig(vocab_size=50, d_model=16, decoder_layers=1, encoder_layers=1, decoder_ffn_dim=16,
+                                     encoder_ffn_dim=16, decoder_attention_heads=2, encoder_attention_heads=2)
+    bart = transformers.BartForCausalLM(config).to(DEVICE)
+    with pytest.raises(ValueError, match="fused EAFT does not support BartForCausalLM: the decoder of an encoder-decoder"):
+        patch_model_for_fused_eaft(bart)
 
 
 def test_peft_lora_model_is_patched_through_the_wrapper(smollm2):
