@@ -3,6 +3,7 @@
     python benchmarks/loss_bench.py                       # Qwen3-4B head (H=2560, V=151936), 512..4096 tokens
     python benchmarks/loss_bench.py --tokens 256 512 --hidden 512 --vocab 32000 --repeat 2   # quick
     python benchmarks/loss_bench.py --device cuda         # GPU: 4k/16k/32k tokens, CUDA events, allocator peaks
+    python benchmarks/loss_bench.py --topk 20 full --family llama,gemma2,cohere,granite   # the two axes below
 
 Methods ("full": from last hidden states [N, H] and the LM head [V, H], gradients for both):
   torch_ce          logits = hidden @ W.T, then transformers' causal-LM loss recipe: logits.float(),
@@ -19,6 +20,14 @@ Methods ("full": from last hidden states [N, H] and the LM head [V, H], gradient
   cce               cut-cross-entropy's fused Triton kernel, linear_cross_entropy(impl="cce") (GPU)
 "Loss-only" mode times the same losses on fixed logits [N, V] (a leaf): the loss's own cost.
 The EAFT losses use entropy_norm="upstream" so their loss value equals LLaMA-Factory's (checked).
+
+Axes (every combination runs, ratios compare cases of one run):
+  --topk     the EAFT methods' topk: integers and/or "full" (exact entropy); default 20.
+  --family   the model family's logit transform, with its value from the installed transformers'
+             config defaults: llama (none), gemma2 (tanh soft-capping, final_logit_softcapping),
+             cohere (logits * logit_scale), granite (logits / logits_scaling). The dense methods
+             apply it to the logits as the model's forward does; the fused op applies it inside,
+             chunk by chunk. Liger and cut-cross-entropy run for llama only.
 
 How memory is measured: tracemalloc does not see torch's allocations, so each case runs in fresh
 child processes that read the kernel's counters. A child allocates the inputs, reads VmRSS, resets
@@ -72,9 +81,65 @@ def _reset_peak() -> None:
         f.write("5")
 
 
+EAFT = ("dense_eaft", "fused_eaft", "fused_eaft_2pass")
+# family -> (transformers model folder, config class, its attribute, LogitTransform kind of the fused op).
+FAMILIES = {"llama": None, "gemma2": ("gemma2", "Gemma2Config", "final_logit_softcapping", "softcap"),
+            "cohere": ("cohere", "CohereConfig", "logit_scale", "scale"),
+            "granite": ("granite", "GraniteConfig", "logits_scaling", "divide")}
+LLAMA_ONLY = ("liger_flce", "cce_compile", "cce")
+
+
+class Unavailable(Exception):
+    """The method cannot run this case here: reported as skipped, with the reason."""
+
+
+def family_value(family: str):
+    """The transform's constant: the installed transformers' config default (read once, in the parent)."""
+    if FAMILIES[family] is None:
+        return None
+    import importlib
+
+    folder, config, attr, _ = FAMILIES[family]
+    module = importlib.import_module(f"transformers.models.{folder}.configuration_{folder}")
+    return getattr(getattr(module, config)(), attr)
+
+
+def _dense_transform(family: str, value):
+    """What the family's *ForCausalLM.forward does to lm_head's output (transformers' own steps)."""
+    import torch
+
+    if family == "gemma2":  # modeling_gemma2: logits / cap, tanh, * cap (three [N, V] passes)
+        return lambda z: torch.tanh(z / value) * value
+    if family == "cohere":
+        return lambda z: z * value
+    if family == "granite":
+        return lambda z: z / value
+    return lambda z: z
+
+
+def _fused_transform(family: str, value) -> dict:
+    """Keyword arguments that make fused_linear_eaft_loss apply the family's transform."""
+    if family == "llama":
+        return {}
+    try:
+        from eaft_plugins.ops.fused import LogitTransform
+    except ImportError as exc:
+        raise Unavailable(f"the fused op in this checkout takes no {family} logit transform ({exc})") from exc
+    return {"logit_transform": LogitTransform(FAMILIES[family][3], value)}
+
+
+def _topk(text: str):
+    return None if text == "full" else int(text)
+
+
 def _loss_fn(method: str, mode: str, args):
     """A closure (leaves) -> scalar loss, or raises when the method is unavailable."""
     import torch.nn.functional as F
+
+    family, topk = args.family[0], _topk(args.topk[0])
+    if family != "llama" and method in LLAMA_ONLY:
+        raise Unavailable(f"{method} is run for llama only (no {family} logit transform here)")
+    transform = _dense_transform(family, args.family_value)
 
     def shifted_ce(logits, labels):  # transformers' ForCausalLMLoss recipe
         logits = logits.float()
@@ -92,17 +157,14 @@ def _loss_fn(method: str, mode: str, args):
         from eaft_plugins import eaft_loss
 
         def loss(logits, labels):
-            return eaft_loss(logits, labels, entropy_norm="upstream").loss
-    elif method == "fused_eaft":
+            return eaft_loss(logits, labels, entropy_norm="upstream", topk=topk).loss
+    elif method in ("fused_eaft", "fused_eaft_2pass"):
         from eaft_plugins.ops.fused import fused_linear_eaft_loss
 
-        return lambda h, w, labels: fused_linear_eaft_loss(h, w, labels, entropy_norm="upstream", chunk_size=args.chunk or None).loss
-    elif method == "fused_eaft_2pass":
-        from eaft_plugins.ops.fused import fused_linear_eaft_loss
-
-        return lambda h, w, labels: fused_linear_eaft_loss(
-            h, w, labels, entropy_norm="upstream", weight_norm="mean", chunk_size=args.chunk or None
-        ).loss
+        kw = dict(entropy_norm="upstream", topk=topk, chunk_size=args.chunk or None, **_fused_transform(family, args.family_value))
+        if method == "fused_eaft_2pass":
+            kw["weight_norm"] = "mean"
+        return lambda h, w, labels: fused_linear_eaft_loss(h, w, labels, **kw).loss
     elif method == "liger_flce":
         from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
 
@@ -127,8 +189,8 @@ def _loss_fn(method: str, mode: str, args):
     else:
         raise ValueError(f"unknown method {method!r}")
     if mode == "loss":
-        return lambda logits, labels: loss(logits, labels)
-    return lambda h, w, labels: loss(F.linear(h, w), labels)
+        return lambda logits, labels: loss(transform(logits), labels)
+    return lambda h, w, labels: loss(transform(F.linear(h, w)), labels)
 
 
 def child(args) -> dict:
@@ -143,7 +205,10 @@ def child(args) -> dict:
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     n = args.tokens[0]
     leaves, labels = _inputs(args, n, dtype, torch.device("cpu"))
-    fn = _loss_fn(args.method, args.mode, args)
+    try:
+        fn = _loss_fn(args.method, args.mode, args)
+    except Unavailable as exc:
+        return {"method": args.method, "mode": args.mode, "tokens": n, "skipped": str(exc)}
     trainable = leaves if args.measure == "total" else leaves[:1]  # workspace: d hidden (or d logits) only
     for x in trainable:
         x.requires_grad_()
@@ -185,10 +250,10 @@ def child_cuda(args) -> None:
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     try:
         fn = _loss_fn(args.method, args.mode, args)
-    except ImportError as exc:
+    except (ImportError, Unavailable) as exc:
+        why = str(exc) if isinstance(exc, Unavailable) else f"not importable here: {exc}"
         for n in args.tokens:
-            print(json.dumps({"method": args.method, "mode": args.mode, "tokens": n,
-                              "skipped": f"not importable here: {exc}"}), flush=True)
+            print(json.dumps({"method": args.method, "mode": args.mode, "tokens": n, "skipped": why}), flush=True)
         return
     for n in args.tokens:
         try:
@@ -269,45 +334,54 @@ def mem_available() -> int:
     return 0
 
 
-def _child_cmd(method: str, mode: str, tokens, args, measure="total") -> list:
+def _child_cmd(case, tokens, args, measure="total") -> list:
+    mode, method, family, topk = case
     return [sys.executable, __file__, "--child", "--device", args.device, "--method", method, "--mode", mode,
             "--tokens", *map(str, tokens), "--hidden", str(args.hidden), "--vocab", str(args.vocab),
             "--repeat", str(args.repeat), "--dtype", args.dtype, "--measure", measure, "--threads", str(args.threads),
-            "--chunk", str(args.chunk)]
+            "--chunk", str(args.chunk), "--family", family, "--topk", topk or "20"] + \
+        ([] if args.family_values[family] is None else ["--family-value", str(args.family_values[family])])
+
+
+def _tagged(res: dict, case) -> dict:
+    """A result with its case's family and topk (None for the methods without a topk)."""
+    res.update(mode=case[0], method=case[1], family=case[2], topk=case[3])
+    return res
 
 
 # EAFT_PLUGINS_DISABLE: import LLaMA-Factory's own eaft_loss_func, untouched by our integration.
 CHILD_ENV = dict(os.environ, PYTHONUNBUFFERED="1", EAFT_PLUGINS_DISABLE="1")
 
 
-def run_cuda_method(method: str, mode: str, args) -> list:
-    """One child for every token count of `method` (see child_cuda)."""
-    proc = subprocess.run(_child_cmd(method, mode, sorted(args.tokens), args), capture_output=True, text=True,
-                          env=CHILD_ENV)
+def run_cuda_method(case, args) -> list:
+    """One child for every token count of one case (see child_cuda)."""
+    proc = subprocess.run(_child_cmd(case, sorted(args.tokens), args), capture_output=True, text=True, env=CHILD_ENV)
     results = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith("{")]
     done = {r["tokens"] for r in results}
     err = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}, no output"])[-1]
-    return results + [{"method": method, "mode": mode, "tokens": n, "error": err[:300]}
-                      for n in sorted(args.tokens) if n not in done]
+    results += [{"tokens": n, "error": err[:300]} for n in sorted(args.tokens) if n not in done]
+    return [_tagged(r, case) for r in results]
 
 
-def run_case(method: str, mode: str, tokens: int, args) -> dict:
+def run_case(case, tokens: int, args) -> dict:
     """Two fresh children: workspace (frozen LM head / logits-only grads) and total (+ timing)."""
     merged = {}
     for measure in ("workspace", "total"):
-        cmd = _child_cmd(method, mode, [tokens], args, measure)
+        cmd = _child_cmd(case, [tokens], args, measure)
         proc = subprocess.run(cmd, capture_output=True, text=True, env=CHILD_ENV)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
         if proc.returncode != 0 or not lines:
             err = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}, no output"])[-1]
-            return {"method": method, "mode": mode, "tokens": tokens, "error": err[:300]}
+            return _tagged({"tokens": tokens, "error": err[:300]}, case)
         res = json.loads(lines[-1])
+        if "skipped" in res:
+            return _tagged(res, case)
         if measure == "workspace":
             merged["workspace_mb"] = res["peak_extra_mb"] - res["grad_mb"]  # d hidden / d logits: tiny or equal
         else:
             merged.update(res)
     merged.pop("measure", None)
-    return merged
+    return _tagged(merged, case)
 
 
 def machine(device: str = "cpu") -> dict:
@@ -329,33 +403,42 @@ def machine(device: str = "cpu") -> dict:
     return info
 
 
+def cases(args) -> list:
+    """(mode, method, family, topk) of every case; topk None for the methods without one."""
+    modes = [("full", m) for m in args.methods] + ([("loss", m) for m in LOSS_ONLY if m in args.methods] if args.loss_only else [])
+    return [(mode, method, family, topk) for family in args.family for mode, method in modes
+            for topk in (args.topk if method in EAFT else [None])]
+
+
 def parent(args) -> None:
     results = []
-    plan = [("full", m) for m in args.methods] + ([("loss", m) for m in LOSS_ONLY if m in args.methods] if args.loss_only else [])
-    config = {k: v for k, v in vars(args).items() if k not in ("child", "method", "mode")}
+    plan = cases(args)
+    args.family_values = {f: family_value(f) for f in args.family}
+    config = {k: v for k, v in vars(args).items() if k not in ("child", "method", "mode", "family_value")}
     report = {"config": config, "machine": machine(args.device), "results": results}
     last = {}
-    for mode, method in plan:
+    for case in plan:
+        mode, method = case[:2]
         if args.device == "cuda":
-            for res in run_cuda_method(method, mode, args):
+            for res in run_cuda_method(case, args):
                 results.append(res)
                 print(json.dumps(res), flush=True)
             write_json(report, args.json)  # after each method: a run cut short keeps what it measured
             continue
         for n in sorted(args.tokens):
-            key = (mode, method)
+            key = case
             if key in last and "error" not in last[key] and "skipped" not in last[key]:
                 prev = last[key]
                 predicted = prev["peak_extra_mb"] * MB * n / prev["tokens"]
                 if predicted > 0.85 * mem_available():
-                    res = {"method": method, "mode": mode, "tokens": n,
-                           "skipped": f"predicted peak {predicted / 2**30:.1f} GiB > 85% of MemAvailable"}
+                    res = _tagged({"tokens": n, "skipped": f"predicted peak {predicted / 2**30:.1f} GiB > 85% of MemAvailable"},
+                                  case)
                     results.append(res)
                     print(json.dumps(res), flush=True)
                     continue
-            if key in last and "error" in last[key]:
+            if key in last and ("error" in last[key] or "skipped" in last[key]):
                 continue  # unavailable method: reported once
-            res = run_case(method, mode, n, args)
+            res = run_case(case, n, args)
             last[key] = res
             results.append(res)
             print(json.dumps(res), flush=True)
@@ -371,9 +454,10 @@ def write_json(report, path) -> None:
     Path(path).write_text(json.dumps(report, indent=1))
 
 
-def _get(results, mode, method, n):
+def _get(results, mode, method, n, family="llama", topk=None):
     for r in results:
-        if r["mode"] == mode and r["method"] == method and r["tokens"] == n and "time_s" in r:
+        if (r["mode"], r["method"], r["tokens"], r.get("family", "llama"), r.get("topk")) == (mode, method, n, family, topk) \
+                and "time_s" in r:
             return r
     return None
 
@@ -400,6 +484,17 @@ def markdown(report) -> str:
         mem_cols = [("llamafactory_095", "workspace x LF")]
         first = "| method | tokens | wall s | cpu s |"
     ratio = lambda a, b: f"{a / b:.2f}" if b else "-"  # noqa: E731
+    families = list(dict.fromkeys(r.get("family", "llama") for r in res))
+    topks = {r.get("topk") for r in res} - {None}
+    show_family = families != ["llama"]
+    if show_family:  # the cost of a family's transform: the same case with the llama (identity) head
+        time_cols = time_cols + [("llama", "cpu x llama" if not gpu else "x llama")]
+        first = first.replace("| method |", "| method | family |")
+
+    def name(r):  # the topk is named when the run has another than the default 20
+        k = r.get("topk")
+        return r["method"] if k is None or topks == {"20"} else f"{r['method']} topk={k}"
+
     lines = [head + rest, ""]
     for mode, title in (("full", "LM head + loss, fwd+bwd"), ("loss", "loss only, on fixed logits, fwd+bwd")):
         rows = [r for r in res if r["mode"] == mode]
@@ -410,17 +505,20 @@ def markdown(report) -> str:
         width = header.count("|") - 1
         lines += [f"### {title}", "", header, "|---|" + "---:|" * (width - 1)]
         for r in rows:
+            family = r.get("family", "llama")
+            lead = f"| {name(r)} | " + (f"{family} | " if show_family else "") + f"{r['tokens']} |"
             if "time_s" not in r:
-                lines.append(f"| {r['method']} | {r['tokens']} | {r.get('error') or r.get('skipped')} |" + "|" * (width - 3) + " ")
+                lines.append(f"{lead} {r.get('error') or r.get('skipped')} |" + "|" * (width - 3 - show_family) + " ")
                 continue
-            base = {m: _get(res, mode, m, r["tokens"]) for m, _ in time_cols + mem_cols}
+            base = {m: _get(res, mode, m, r["tokens"], family) for m, _ in time_cols + mem_cols}
+            base["llama"] = _get(res, mode, r["method"], r["tokens"], "llama", r.get("topk"))
             t = _time(r)
             cells = [f"{t * 1000:.1f}"] if gpu else [f"{r['time_s']:.2f}", f"{r['cpu_time_s']:.2f}"]
             cells += [ratio(t, base[m] and _time(base[m])) for m, _ in time_cols]
             cells += [f"{r['peak_extra_mb']:.0f}", f"{r['workspace_mb']:.0f}"]
             cells += [ratio(max(r["workspace_mb"], 0.0), base[m] and base[m]["workspace_mb"]) for m, _ in mem_cols]
             cells.append(f"{r['loss']:.4f}")
-            lines.append(f"| {r['method']} | {r['tokens']} | " + " | ".join(cells) + " |")
+            lines.append(f"{lead} " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -433,11 +531,13 @@ def plot(report, path) -> None:
 
     res = [r for r in report["results"] if r["mode"] == "full" and "time_s" in r]
     fig, (ax_m, ax_t) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for method in dict.fromkeys(r["method"] for r in res):
-        rows = sorted((r for r in res if r["method"] == method), key=lambda r: r["tokens"])
+    label = lambda r: " ".join([r["method"]] + [f"{k}={r[k]}" for k in ("family", "topk")  # noqa: E731
+                                                if r.get(k) not in (None, "llama", "20")])
+    for name in dict.fromkeys(map(label, res)):
+        rows = sorted((r for r in res if label(r) == name), key=lambda r: r["tokens"])
         n = [r["tokens"] for r in rows]
-        ax_m.plot(n, [r["workspace_mb"] for r in rows], marker="o", label=method)
-        ax_t.plot(n, [_time(r) for r in rows], marker="o", label=method)
+        ax_m.plot(n, [r["workspace_mb"] for r in rows], marker="o", label=name)
+        ax_t.plot(n, [_time(r) for r in rows], marker="o", label=name)
     cfg = report["config"]
     gpu = cfg.get("device", "cpu") == "cuda"
     ax_m.set(xlabel="tokens", ylabel=f"workspace MB (peak {'allocated' if gpu else 'RSS'} - inputs - d hidden)",
@@ -460,6 +560,23 @@ def plot(report, path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def _topk_arg(text: str) -> list:
+    out = []
+    for k in filter(None, text.split(",")):
+        if k != "full" and not (k.isdigit() and int(k) >= 2):
+            raise argparse.ArgumentTypeError(f"--topk takes integers >= 2 or 'full', got {k!r}")
+        out.append(k)
+    return out
+
+
+def _family_arg(text: str) -> list:
+    out = list(filter(None, text.split(",")))
+    bad = [f for f in out if f not in FAMILIES]
+    if bad:
+        raise argparse.ArgumentTypeError(f"--family {bad[0]!r} is unknown; choose from {', '.join(FAMILIES)}")
+    return out
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -472,14 +589,21 @@ def main(argv=None) -> None:
     p.add_argument("--no-loss-only", dest="loss_only", action="store_false", help="skip the fixed-logits runs")
     p.add_argument("--threads", type=int, default=1, help="torch threads in each child (0: torch's default)")
     p.add_argument("--chunk", type=int, default=0, help="fused op's tokens per chunk (0: its default)")
+    p.add_argument("--topk", nargs="+", default=["20"], type=_topk_arg,
+                   help="the EAFT methods' topk: integers >= 2 and/or full (exact entropy); default 20")
+    p.add_argument("--family", nargs="+", default=["llama"], type=_family_arg,
+                   help=f"model families' logit transforms, comma- or space-separated: {', '.join(FAMILIES)}")
     p.add_argument("--json", help="default: benchmarks/results/loss_bench[_cuda].json")
     p.add_argument("--plot", help="PNG path ('' for none; default docs/img/perf_loss[_cuda].png)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--family-value", type=float, help=argparse.SUPPRESS)
     p.add_argument("--method", help=argparse.SUPPRESS)
     p.add_argument("--mode", default="full", help=argparse.SUPPRESS)
     p.add_argument("--measure", default="total", help=argparse.SUPPRESS)
     p.add_argument("--replot", metavar="JSON", help="only redraw table and plot from a saved JSON report")
     args = p.parse_args(argv)
+    args.topk = list(dict.fromkeys(k for ks in args.topk for k in ks))
+    args.family = list(dict.fromkeys(f for fs in args.family for f in fs))
     gpu = args.device == "cuda"
     args.tokens = args.tokens or DEFAULT_TOKENS[args.device]
     args.methods = args.methods or (GPU if gpu else FULL)
