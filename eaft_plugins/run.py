@@ -4,7 +4,7 @@ An adapter only translates its framework's hooks into calls on one `EAFTRun`:
 
     run = EAFTRun(config, spelling)              # when the trainer is built
     run.check_vocab(model)                       # eaft_topk larger than the vocabulary: stop now
-    loss = run.dense_loss(logits, labels, training=..., step=..., ...)   # compute_loss_func
+    loss = run.dense_loss(logits, labels, training=..., step=..., outputs=outputs, model=model)   # compute_loss_func
     # or, with eaft_fused: run.patch_fused(model), then per micro-batch
     run.begin_fused(training, step, device); outputs = model(..., labels=...); run.end_fused(training)
     logs.update(run.metrics("train", device))    # at each log (a collective: every rank calls it)
@@ -51,6 +51,9 @@ class EAFTRun:
         self._step_acc = StatsAccumulator()
         self._step = None
         self.fused = None  # the FusedEAFT handle once patch_fused ran
+        # Add the MoE router loss (coef * aux_loss) as the model's own forward adds it with labels; False
+        # where the framework adds it itself (ms-swift, TRL). HF Trainer never adds it after compute_loss_func.
+        self.router_aux = True
 
     # ---- before training
 
@@ -73,6 +76,7 @@ class EAFTRun:
 
         try:
             self.fused = patch_model_for_fused_eaft(model, self.options, keep_logits=keep_logits)
+            self.fused.add_aux_loss = self.router_aux
         except ValueError as exc:
             raise ValueError(f"{self.spelling.assign('fused', 'true')}: {exc}; or set "
                              f"{self.spelling.assign('fused', 'false')} (EAFT on the model's logits)") from None
@@ -101,8 +105,9 @@ class EAFTRun:
             self._step_acc.add(stats)
 
     def dense_loss(self, logits, labels, *, training: bool, step: int, device=None, num_items_in_batch=None,
-                   shift: bool = True, token_scale=None):
-        """The EAFT loss on materialised logits, with the statistics recorded."""
+                   shift: bool = True, token_scale=None, outputs=None, model=None):
+        """The EAFT loss on materialised logits, with the statistics recorded; plus the MoE router loss
+        when `outputs` (the model's outputs) carry an aux_loss that `model`'s own forward would add."""
         from .ops.dense import eaft_loss
 
         if logits is None:
@@ -114,7 +119,27 @@ class EAFTRun:
         out = eaft_loss(logits, labels, options=self.options, num_items_in_batch=num_items_in_batch, shift=shift,
                         mean_weight=mean_weight, token_scale=token_scale)
         self.record(out.stats, training)
-        return out.loss
+        aux = self.router_aux_loss(outputs, model)
+        return out.loss if aux is None else out.loss + aux.to(out.loss.device)
+
+    def router_aux_loss(self, outputs, model):
+        """`coef * aux_loss` exactly as the model's forward adds it when given labels (None: nothing to add)."""
+        aux = None if outputs is None else (outputs.get("aux_loss") if isinstance(outputs, dict)
+                                            else getattr(outputs, "aux_loss", None))
+        if not self.router_aux or aux is None:
+            return None
+        import torch
+
+        from .ops.hf_patch import router_aux_coef
+
+        try:
+            coef = None if model is None else router_aux_coef(model)
+        except ValueError as exc:
+            coef = exc
+        if coef is None and model is None or isinstance(coef, Exception):
+            raise ValueError(f"the model returned a MoE router aux_loss, but EAFT cannot tell its coefficient "
+                             f"({coef or 'no model given'}); turn output_router_logits off or report this model")
+        return None if coef is None else coef * torch.as_tensor(aux)
 
     def begin_fused(self, training: bool, step: int, device=None) -> None:
         self.begin(training, step, device)

@@ -118,7 +118,7 @@ class EAFTHook:
             outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
             logits = outputs.get("logits") if isinstance(outputs, dict) else outputs[0]
             loss = self.run.dense_loss(logits, labels, training=training, step=step,
-                                       num_items_in_batch=num_items_in_batch)
+                                       num_items_in_batch=num_items_in_batch, outputs=outputs, model=model)
         if getattr(trainer.args, "past_index", -1) >= 0:
             trainer._past = outputs[trainer.args.past_index]
         # Like Trainer.compute_loss: num_items_in_batch counts every rank's tokens and DDP averages gradients.

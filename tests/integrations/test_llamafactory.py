@@ -373,20 +373,21 @@ def test_fused_run_matches_the_dense_first_step(smollm2_dir, data_dir, tmp_path,
 
 @pytest.mark.e2e
 def test_fused_on_an_unsupported_family_stops_before_training(smollm2_dir, data_dir, tmp_path):
-    """A GPT-2 model (not Llama / Qwen2 / Qwen3) with eaft_fused: a clear error, no dense fall-back."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+    """A Mamba model (its forward computes its own cross-entropy) with eaft_fused: a clear error, no dense fall-back."""
+    from transformers import MambaConfig, MambaForCausalLM
 
-    gpt2 = tmp_path / "gpt2"
-    config = GPT2Config(vocab_size=49152, n_positions=256, n_embd=32, n_layer=1, n_head=2)
-    GPT2LMHeadModel(config).save_pretrained(gpt2)
+    mamba = tmp_path / "mamba"
+    config = MambaConfig(vocab_size=49152, hidden_size=32, state_size=4, num_hidden_layers=1, expand=2)
+    MambaForCausalLM(config).save_pretrained(mamba)
     for f in smollm2_dir.iterdir():
         if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
-            (gpt2 / f.name).write_bytes(f.read_bytes())
-    cfg = train_config(gpt2, data_dir, tmp_path / "out", steps=1, cutoff_len=64, eaft_fused=True)
-    proc = run_train(write_yaml(cfg, tmp_path / "gpt2.yaml"), check=False, capture_output=True, timeout=600)
+            (mamba / f.name).write_bytes(f.read_bytes())
+    cfg = train_config(mamba, data_dir, tmp_path / "out", steps=1, cutoff_len=64, eaft_fused=True)
+    proc = run_train(write_yaml(cfg, tmp_path / "mamba.yaml"), check=False, capture_output=True, timeout=600)
     assert proc.returncode != 0
-    assert ("`eaft_fused: true`: fused EAFT supports LlamaForCausalLM, Qwen2ForCausalLM, "
-            "Qwen3ForCausalLM; got GPT2LMHeadModel; or set `eaft_fused: false`") in proc.stderr
+    assert ("`eaft_fused: true`: fused EAFT cannot reproduce MambaForCausalLM's forward: its loss is not only "
+            "the causal LM loss (self.loss_function)") in proc.stderr
+    assert "or set `eaft_fused: false`" in proc.stderr
     assert not (tmp_path / "out" / "trainer_state.json").exists()
 
 

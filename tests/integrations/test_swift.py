@@ -369,15 +369,15 @@ def test_fused_refuses_an_unsupported_model_family(swift_model, tmp_path):
     import transformers
 
     model, template, encoded = swift_model
-    config = transformers.MistralConfig(vocab_size=model.config.vocab_size, hidden_size=32, intermediate_size=64,
-                                        num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
-    other = transformers.MistralForCausalLM(config)
+    config = transformers.BartConfig(vocab_size=model.config.vocab_size, d_model=16, decoder_layers=1, encoder_layers=1,
+                                     decoder_ffn_dim=16, encoder_ffn_dim=16, decoder_attention_heads=2,
+                                     encoder_attention_heads=2)
+    other = transformers.BartForCausalLM(config)  # denied: fused EAFT covers decoder-only families
     other.model_meta, other.model_info = model.model_meta, model.model_info  # what ms-swift's loader attaches
     with pytest.raises(ValueError) as err:
         swift_trainer(other, template, encoded, tmp_path, True)
     message = str(err.value)
-    assert "--eaft_fused true: fused EAFT supports LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM" in message
-    assert "got MistralForCausalLM" in message
+    assert "--eaft_fused true: fused EAFT does not support BartForCausalLM: the decoder of an encoder-decoder" in message
     assert "set --eaft_fused false" in message and "eaft_fused to false" not in message  # swift's own spelling
 
 

@@ -307,3 +307,26 @@ def test_the_family_forward_is_read_from_source_not_from_a_later_class_patch(mon
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask, labels=labels)
     torch.testing.assert_close(out.loss, want, rtol=1e-10, atol=1e-12)
+
+
+def test_dense_path_adds_the_router_loss_the_trainer_would_drop():
+    """HF Trainer with compute_loss_func never adds coef * aux_loss: EAFTRun.dense_loss does, from the outputs
+    (LLaMA-Factory, with_eaft), unless the framework adds it itself (router_aux False: ms-swift, TRL)."""
+    from eaft_plugins.options import EAFTConfig
+    from eaft_plugins.run import EAFTRun
+
+    model = tiny("qwen3_moe")
+    ids, mask, labels = batch()
+    run = EAFTRun(EAFTConfig())
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask)  # no labels, as Trainer calls it before compute_loss_func
+        got = run.dense_loss(out.logits, labels, training=True, step=0, outputs=out, model=model)
+        want = dense_loss(model, ids, mask, labels, {})
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+        run.router_aux = False
+        bare = run.dense_loss(out.logits, labels, training=True, step=0, outputs=out, model=model)
+        torch.testing.assert_close(got - bare, 0.25 * out.aux_loss)
+        run.router_aux = True
+        run.patch_fused(model)
+        fused = model(input_ids=ids, attention_mask=mask, labels=labels)
+    torch.testing.assert_close(fused.loss, want, rtol=1e-10, atol=1e-12)

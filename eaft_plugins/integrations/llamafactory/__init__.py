@@ -244,7 +244,7 @@ def _use_eaft(trainer, finetuning_args) -> None:
     def compute_loss_func(outputs, labels, num_items_in_batch=None):
         return run.dense_loss(_logits(outputs), labels, training=trainer.model.training,
                               step=trainer.state.global_step, device=trainer.args.device,
-                              num_items_in_batch=num_items_in_batch)
+                              num_items_in_batch=num_items_in_batch, outputs=outputs, model=trainer.model)
 
     trainer.compute_loss_func = compute_loss_func
 

@@ -39,6 +39,7 @@ class EAFTLoss(BaseLoss):
             raise ValueError("this EAFT loss is for `swift sft`; `megatron sft` has its own wiring (docs/megatron.md)")
         self.run = EAFTRun(getattr(args, "eaft_config", None) or EAFTConfig(), SPELLING)
         self.fused_requested = self.run.config.fused
+        self.run.router_aux = False  # ms-swift adds its router loss itself (dense) / _FusedComputeLoss (fused)
         self._keep_logits = False
         self._forward = None
         if trainer is None:
@@ -155,6 +156,14 @@ class _FusedComputeLoss:
         if getattr(trainer.args, "past_index", -1) >= 0:
             trainer._past = outputs[trainer.args.past_index]
         loss = outputs.loss
+        aux = outputs.get("aux_loss")
+        coef = getattr(trainer.args, "router_aux_loss_coef", None)
+        moe = getattr(getattr(trainer.model, "model_info", None), "is_moe_model", False)
+        if aux is not None and coef is not None and moe:
+            # ms-swift's compute_loss adds this after a loss function; the fused forward left it out
+            if num_items_in_batch is not None:
+                aux = aux * ((labels[:, 1:] != -100).sum() / num_items_in_batch)
+            loss = loss + coef * aux.to(loss.device)
         if (getattr(trainer.args, "average_tokens_across_devices", False) and trainer.model_accepts_loss_kwargs
                 and num_items_in_batch is not None):
             loss = loss * trainer.accelerator.num_processes

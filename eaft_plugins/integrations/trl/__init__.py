@@ -173,6 +173,7 @@ def patch_sft_trainer(cls) -> None:
         from ..hf_trainer import EAFTHook
 
         hook = EAFTHook(config, SPELLING, SHOWN_LOSS, extra_metrics=_trl_metrics)
+        hook.run.router_aux = False  # _trl_metrics adds TRL's own router loss, dense and fused
         hook.bind(self)
         self._eaft = hook
 
