@@ -9,7 +9,7 @@ import torch
 from ..options import EAFTOptions, OptionsLike, make_options
 from .common import (EAFTOutput, align_labels, check_finite, check_label_shapes, compute_dtype, gather_rows,
                      loss_denominator, row_chunks, supervised_rows, ce_grad_rows)
-from .entropy import chunk_scores, finish_weights
+from .entropy import chunk_scores, finish_weights, is_exact
 
 
 class TokenScores(NamedTuple):
@@ -99,8 +99,8 @@ def _scores(flat: torch.Tensor, idx: torch.Tensor, y: torch.Tensor, opts: EAFTOp
     with torch.no_grad():
         for start, stop, first in row_chunks(idx, rows):
             z = gather_rows(flat, idx, start, stop, first, out=buf)
-            if z.data_ptr() == buf.data_ptr():
-                scratch = z  # our own copy: logsumexp may overwrite it
+            if z.data_ptr() == buf.data_ptr() or is_exact(opts, flat.size(1)):
+                scratch = z  # our own copy (logsumexp may overwrite it), or not written at all
             else:  # a view of the caller's logits
                 work = _chunk_buffer(flat, n, rows) if work is None else work
                 scratch = work[: stop - start]

@@ -57,6 +57,11 @@ def exact_scores(z: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return log_total + m_flat, log_total - dot / total
 
 
+def is_exact(opts: EAFTOptions, vocab: int) -> bool:
+    """Whether chunk_scores takes the exact entropy: it then needs no scratch and leaves z intact."""
+    return opts.topk is None or opts.topk >= vocab
+
+
 def chunk_scores(
     z: torch.Tensor, y: torch.Tensor, opts: EAFTOptions, work: Optional[torch.Tensor] = None
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -68,7 +73,7 @@ def chunk_scores(
     """
     z_y = z.gather(1, y.unsqueeze(1)).squeeze(1)
     divisor = opts.entropy_divisor(z.size(-1))
-    if opts.topk is None or opts.topk >= z.size(-1):
+    if is_exact(opts, z.size(-1)):
         lse, h = exact_scores(z)
         return lse, z_y, h / divisor
     h_norm = topk_entropy(z, opts.topk) / divisor
