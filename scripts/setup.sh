@@ -19,7 +19,11 @@ PYTHON=${PYTHON:-python3}
 TORCH="torch==2.14.1 torchvision==0.29.1"
 case "$ENV_NAME" in
   main)  VENV=${EAFT_VENV:-.venv}
-         PACKAGES=(-e ".[test,analysis,smollm2]" llamafactory==0.9.5 ms-swift==4.6.0 math-verify==0.9.0)
+         # deepspeed: the newest release in LLaMA-Factory 0.9.5's range (requirements/deepspeed.txt:
+         # >=0.10.0,<=0.16.9), for tests/integrations/test_zero3.py; no prebuilt ops (CPU accelerator).
+         export DS_BUILD_OPS=0
+         PACKAGES=(-e ".[test,analysis,smollm2]" llamafactory==0.9.5 ms-swift==4.6.0 math-verify==0.9.0
+                   deepspeed==0.16.9)
          AFTER=(megatron-core==0.16.1) ;;  # resolved after llamafactory, as it always was
   swift) VENV=${EAFT_SWIFT_VENV:-.venv-swift}
          PACKAGES=(-e ".[test]" ms-swift==4.6.0 "datasets>=4.1,<4.8.5") ;;

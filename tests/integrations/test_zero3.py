@@ -2,7 +2,10 @@
 (recipes/common/ds_z3_config.json) on DeepSpeed's CPU accelerator, 2 processes over gloo, logs the same
 per-step losses as a 2-process DDP run on the same data and seed, for dense and fused EAFT."""
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -100,3 +103,59 @@ def test_zero3_fused_eaft_losses_equal_ddp(runs):
         calls = (runs["probe"] / f"rank{rank}.txt").read_text().split("\n")[:-1]
         assert len(calls) == STEPS
         assert set(calls) == {"True (49152, 576)"}
+
+
+# SmolLM2 ties lm_head to the embedding; an untied head is a parameter no module forward gathers, so
+# it is DeepSpeed's external-parameter route (reading a partitioned weight inside the engine's
+# forward gathers it) that the fused forward relies on. One process: ZeRO-3 still partitions.
+UNTIED = """
+import json
+import deepspeed, torch
+from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+from transformers import LlamaConfig, LlamaForCausalLM
+from eaft_plugins.ops.dense import eaft_loss
+from eaft_plugins.ops.hf_patch import patch_model_for_fused_eaft
+
+torch.manual_seed(0)
+cfg = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, tie_word_embeddings=False)
+ref = LlamaForCausalLM(cfg)
+ids = torch.randint(0, cfg.vocab_size, (2, 24))
+labels = ids.clone()
+labels[:, :6] = -100
+loss_ref = eaft_loss(ref(input_ids=ids).logits, labels).loss
+loss_ref.backward()
+
+deepspeed.init_distributed(dist_backend="gloo")
+ds = {"train_micro_batch_size_per_gpu": 2, "optimizer": {"type": "SGD", "params": {"lr": 0.0}},
+      "zero_allow_untested_optimizer": True, "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+with deepspeed.zero.Init(config_dict_or_path=ds):
+    model = LlamaForCausalLM(cfg)
+with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0):
+    model.load_state_dict(ref.state_dict())
+engine, *_ = deepspeed.initialize(model=model, config=ds, model_parameters=model.parameters())
+patch_model_for_fused_eaft(engine.module)
+head = engine.module.lm_head.weight
+partitioned = head.ds_status == ZeroParamStatus.NOT_AVAILABLE and head.numel() == 0
+out = engine(input_ids=ids, labels=labels)
+engine.backward(out.loss)
+params = dict(engine.module.named_parameters())
+grads = {n: float((deepspeed.utils.safe_get_full_grad(params[n]) - p.grad).abs().max() / p.grad.abs().max())
+         for n, p in ref.named_parameters()}
+print("RESULT" + json.dumps({"loss": out.loss.item(), "loss_ref": loss_ref.item(), "partitioned": partitioned,
+                             "logits": out.logits is not None, "grads": grads}))
+"""
+
+
+@pytest.mark.e2e
+def test_zero3_fused_untied_head_loss_and_grads_equal_the_plain_model(tmp_path):
+    env = dict(cli_env(), MASTER_ADDR="127.0.0.1", MASTER_PORT="29754", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
+               DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", UNTIED], capture_output=True, text=True, env=env, cwd=tmp_path,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    got = json.loads(proc.stdout.split("RESULT", 1)[1])
+    assert got["partitioned"] and not got["logits"]  # the head was a 0-element shard before the forward
+    assert got["loss"] == pytest.approx(got["loss_ref"], rel=1e-6)
+    assert len(got["grads"]) == 21 and "lm_head.weight" in got["grads"]
+    assert max(got["grads"].values()) < 1e-5  # fp32 rounding (measured 4e-7)
