@@ -39,7 +39,7 @@ import math
 
 import torch
 
-from .entropy import chunk_scores, finish_weights
+from .entropy import chunk_scores, finish_weights, is_exact
 from .common import (EAFTOutput, loss_denominator, row_chunks, align_labels, ce_grad_rows, check_finite, check_label_shapes,
                    compute_dtype, supervised_rows)
 from ..options import EAFTOptions, OptionsLike, make_options
@@ -292,7 +292,7 @@ class _Chunks:
 
     def scores(self, z, y, opts, keep_z):
         """chunk_scores; z is left intact only when keep_z (it is needed for the gradient)."""
-        work = self._buffer("_work", self.dtype)[: z.size(0)] if keep_z else z
+        work = self._buffer("_work", self.dtype)[: z.size(0)] if keep_z and not is_exact(opts, z.size(1)) else z
         return chunk_scores(z, y, opts, work=work)
 
     def backprop(self, z, lse, coef, start, stop, first):
