@@ -1,0 +1,118 @@
+"""A tiny MoE (Qwen3-MoE) and a tiny soft-capped model (Gemma2) through the real `llamafactory-cli train`.
+
+Step 1's logged loss is recomputed independently: LLaMA-Factory's own tokenisation of the first batch,
+the untouched saved model run on the padded batch, `eaft_loss` on its (soft-capped) logits plus
+`router_aux_loss_coef * aux_loss` from the model's own forward. Dense EAFT (compute_loss_func, where HF
+Trainer itself would drop the router loss) and fused EAFT must both log it.
+"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from eaft_plugins.tools.demo import cli_env, log_history, run_train, train_config, write_dataset, write_yaml
+
+pytest.importorskip("llamafactory", reason="SKIPPED: llamafactory is not installed in this environment")
+
+COEF = 0.5
+BATCH = 4
+
+REFERENCE = """
+import json, sys
+import torch
+from eaft_plugins import eaft_loss
+from llamafactory.data import get_dataset, get_template_and_fix_tokenizer
+from llamafactory.hparams import get_train_args
+from llamafactory.model import load_tokenizer
+from transformers import AutoModelForCausalLM
+
+job = json.loads(sys.argv[1])
+model_args, data_args, training_args, _, _ = get_train_args(job["cfg"])
+tokenizer_module = load_tokenizer(model_args)
+template = get_template_and_fix_tokenizer(tokenizer_module["tokenizer"], data_args)
+ds = get_dataset(template, model_args, data_args, training_args, stage="sft", **tokenizer_module)["train_dataset"]
+rows = [ds[i] for i in range(job["batch"])]
+width = max(len(r["input_ids"]) for r in rows)
+pad = lambda seq, value: list(seq) + [value] * (width - len(seq))
+ids = torch.tensor([pad(r["input_ids"], 0) for r in rows])
+mask = torch.tensor([pad([1] * len(r["input_ids"]), 0) for r in rows])
+labels = torch.tensor([pad(r["labels"], -100) for r in rows])
+model = AutoModelForCausalLM.from_pretrained(job["cfg"]["model_name_or_path"], dtype=torch.float32).eval()
+with torch.no_grad():
+    out = model(input_ids=ids, attention_mask=mask, output_router_logits=job["coef"] is not None)
+    loss = eaft_loss(out.logits, labels).loss.item()
+    aux = getattr(out, "aux_loss", None)
+print("REFERENCE", json.dumps({"eaft": loss, "aux": None if aux is None else float(aux)}))
+"""
+
+
+def tiny_model(kind, smollm2_dir, path):
+    import torch
+    import transformers
+
+    vocab = 49152  # the SmolLM2 tokenizer's
+    common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=8, max_position_embeddings=256, tie_word_embeddings=False,
+                  pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    if kind == "moe":
+        config = transformers.Qwen3MoeConfig(**common, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)
+        model = transformers.Qwen3MoeForCausalLM(config)
+    else:
+        config = transformers.Gemma2Config(**common, final_logit_softcapping=2.0)
+        model = transformers.Gemma2ForCausalLM(config)
+        with torch.no_grad():  # logits of a few units, so the soft-cap bends them
+            model.lm_head.weight.normal_(0, 0.5)
+    model.save_pretrained(path)
+    for f in smollm2_dir.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
+            (path / f.name).write_bytes(f.read_bytes())
+    return path
+
+
+@pytest.fixture(scope="module")
+def setup(smollm2_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("moe_softcap")
+    data = write_dataset(root / "data", 8, seed=3)
+    models = {kind: tiny_model(kind, smollm2_dir, root / kind) for kind in ("moe", "softcap")}
+    return root, data, models
+
+
+def first_step(setup, kind, name, **overrides):
+    root, data, models = setup
+    out = root / name
+    cfg = train_config(models[kind], data, out, steps=2, cutoff_len=64, per_device_train_batch_size=BATCH,
+                       **overrides)
+    proc = run_train(write_yaml(cfg, root / f"{name}.yaml"), check=False, capture_output=True, timeout=1800)
+    assert proc.returncode == 0, f"llamafactory-cli train failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}"
+    rows = [row for row in log_history(out) if "loss" in row]
+    assert len(rows) == 2 and all(row["loss"] == row["loss"] and abs(row["loss"]) < 1e6 for row in rows)  # finite
+    return rows[0], cfg
+
+
+def reference(cfg, coef):
+    job = json.dumps({"cfg": cfg, "batch": BATCH, "coef": coef})
+    proc = subprocess.run([sys.executable, "-c", REFERENCE, job], capture_output=True, text=True, env=cli_env(),
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.split("REFERENCE", 1)[1])
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("fused", [False, True])
+def test_moe_step_one_loss_includes_the_router_loss(setup, fused):
+    row, cfg = first_step(setup, "moe", f"moe_{'fused' if fused else 'dense'}", moe_aux_loss_coef=COEF,
+                          eaft_fused=fused)
+    ref = reference(cfg, COEF)
+    assert ref["aux"] is not None and COEF * ref["aux"] > 1e-3 * abs(ref["eaft"])  # large enough to tell
+    assert row["loss"] == pytest.approx(ref["eaft"] + COEF * ref["aux"], rel=1e-4)
+    assert row["loss"] != pytest.approx(ref["eaft"], rel=1e-4)
+
+
+@pytest.mark.e2e
+def test_softcapped_family_fused_step_one_loss(setup):
+    row, cfg = first_step(setup, "softcap", "softcap_fused", eaft_fused=True)
+    ref = reference(cfg, None)
+    assert row["loss"] == pytest.approx(ref["eaft"], rel=1e-4)
