@@ -589,9 +589,9 @@ def main(argv=None) -> None:
     p.add_argument("--no-loss-only", dest="loss_only", action="store_false", help="skip the fixed-logits runs")
     p.add_argument("--threads", type=int, default=1, help="torch threads in each child (0: torch's default)")
     p.add_argument("--chunk", type=int, default=0, help="fused op's tokens per chunk (0: its default)")
-    p.add_argument("--topk", nargs="+", default=["20"], type=_topk_arg,
+    p.add_argument("--topk", nargs="+", type=_topk_arg,
                    help="the EAFT methods' topk: integers >= 2 and/or full (exact entropy); default 20")
-    p.add_argument("--family", nargs="+", default=["llama"], type=_family_arg,
+    p.add_argument("--family", nargs="+", type=_family_arg,
                    help=f"model families' logit transforms, comma- or space-separated: {', '.join(FAMILIES)}")
     p.add_argument("--json", help="default: benchmarks/results/loss_bench[_cuda].json")
     p.add_argument("--plot", help="PNG path ('' for none; default docs/img/perf_loss[_cuda].png)")
@@ -602,8 +602,8 @@ def main(argv=None) -> None:
     p.add_argument("--measure", default="total", help=argparse.SUPPRESS)
     p.add_argument("--replot", metavar="JSON", help="only redraw table and plot from a saved JSON report")
     args = p.parse_args(argv)
-    args.topk = list(dict.fromkeys(k for ks in args.topk for k in ks))
-    args.family = list(dict.fromkeys(f for fs in args.family for f in fs))
+    args.topk = list(dict.fromkeys(k for ks in args.topk or [["20"]] for k in ks))
+    args.family = list(dict.fromkeys(f for fs in args.family or [["llama"]] for f in fs))
     gpu = args.device == "cuda"
     args.tokens = args.tokens or DEFAULT_TOKENS[args.device]
     args.methods = args.methods or (GPU if gpu else FULL)

@@ -41,3 +41,12 @@ def test_dense_and_fused_methods_agree_per_family(family):
     if value not in (None, 1.0):  # the transform is applied (Granite's default logits_scaling is 1.0)
         plain = argparse.Namespace(**{**vars(args), "family": ["llama"], "family_value": None})
         assert abs(float(loss_bench._loss_fn("dense_eaft", "full", plain)(hidden, weight, labels)) - float(dense)) > 1e-3
+
+
+def test_default_axes_are_top20_and_llama(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(loss_bench, "parent", lambda args: seen.update(vars(args)))
+    loss_bench.main(["--tokens", "8"])
+    assert seen["topk"] == ["20"] and seen["family"] == ["llama"]
+    loss_bench.main(["--tokens", "8", "--topk", "20,full", "7", "--family", "gemma2,llama", "cohere"])
+    assert seen["topk"] == ["20", "full", "7"] and seen["family"] == ["gemma2", "llama", "cohere"]
