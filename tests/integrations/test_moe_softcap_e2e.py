@@ -7,6 +7,7 @@ Trainer itself would drop the router loss) and fused EAFT must both log it.
 """
 
 import json
+import math
 import subprocess
 import sys
 
@@ -116,3 +117,28 @@ def test_softcapped_family_fused_step_one_loss(setup):
     row, cfg = first_step(setup, "softcap", "softcap_fused", eaft_fused=True)
     ref = reference(cfg, None)
     assert row["loss"] == pytest.approx(ref["eaft"], rel=1e-4)
+
+
+# ---- the real `swift sft` (its own venv): dense and fused EAFT log the same step 1, router loss included
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("kind, model_type, extra", [
+    ("moe", "qwen3_moe", ("--router_aux_loss_coef", str(COEF))),
+    ("softcap", "gemma2", ()),
+])
+def test_swift_fused_equals_dense(setup, kind, model_type, extra):
+    """ms-swift adds its router loss after the loss function on the dense path; the fused path adds the same."""
+    from test_swift_e2e import swift_sft, write_rows
+
+    root, _, models = setup
+    data = root / f"swift_{kind}.jsonl"
+    write_rows(data, 8, seed=5)
+    runs = {}
+    for fused in ("false", "true"):
+        _, rows = swift_sft(models[kind], data, root / f"swift_{kind}_{fused}", "--model_type", model_type,
+                            "--loss_type", "eaft", "--eaft_fused", fused, *extra)
+        assert len(rows) == 2 and all(math.isfinite(r["loss"]) for r in rows)
+        runs[fused] = rows
+    assert runs["true"][0]["loss"] == pytest.approx(runs["false"][0]["loss"], rel=1e-4)
+    if kind == "moe":
+        assert "aux_loss" in runs["true"][0] and runs["true"][0]["aux_loss"] > 0
