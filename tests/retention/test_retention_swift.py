@@ -49,7 +49,7 @@ def test_swift_sft_logs_retention_without_eaft(smollm2_dir, tmp_path):
            "--learning_rate", "1e-4", "--retention_probe", str(probe)]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="2")
     env.pop("NPROC_PER_NODE", None)
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200, check=False)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=2400, check=False)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     rows = [json.loads(x) for x in (out / "logging.jsonl").read_text().splitlines()]
     ret = [r for r in rows if "retention/kl_base" in r]
