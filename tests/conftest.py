@@ -43,3 +43,10 @@ def pytest_configure(config):
 
 def pytest_report_header(config):
     return f"EAFT op tests on device: {os.environ.get('EAFT_TEST_DEVICE') or 'cpu'}"
+
+
+def pytest_collection_modifyitems(session, config, items):
+    # The ops layer first: ms-swift, imported in-process by the integration tests, patches
+    # transformers.Trainer globally (swift/trainers/patcher.py), which a plain-Trainer op test must not see.
+    ops = ROOT / "tests" / "ops"
+    items.sort(key=lambda item: 0 if ops in Path(str(item.fspath)).parents else 1)

@@ -102,9 +102,9 @@ model, out, probe, mode = sys.argv[1:5]
 rows = [{"prompt": [{"role": "user", "content": r["question"]}],
          "completion": [{"role": "assistant", "content": r["answer"].splitlines()[-2]}]} for r in mathgen.generate(4, seed=2)]
 common = dict(output_dir=out, per_device_train_batch_size=2, max_steps=2, logging_steps=1, save_strategy="no",
-              report_to="none", use_cpu=True, learning_rate=1e-4, max_length=96, dataloader_num_workers=0)
+              report_to="none", use_cpu=True, learning_rate=1e-4, dataloader_num_workers=0)
 if mode == "trl":
-    args = SFTConfig(**common, loss_type="eaft", retention_probe=probe)   # default interval: logging_steps
+    args = SFTConfig(**common, max_length=96, loss_type="eaft", retention_probe=probe)   # default interval: logging_steps
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows))
 else:
     import torch
