@@ -133,12 +133,12 @@ class EAFTRun:
         from .ops.hf_patch import router_aux_coef
 
         try:
-            coef = None if model is None else router_aux_coef(model)
+            if model is None:
+                raise ValueError("no model given")
+            coef = router_aux_coef(model)
         except ValueError as exc:
-            coef = exc
-        if coef is None and model is None or isinstance(coef, Exception):
             raise ValueError(f"the model returned a MoE router aux_loss, but EAFT cannot tell its coefficient "
-                             f"({coef or 'no model given'}); turn output_router_logits off or report this model")
+                             f"({exc}); turn output_router_logits off or report this model") from None
         return None if coef is None else coef * torch.as_tensor(aux)
 
     def begin_fused(self, training: bool, step: int, device=None) -> None:

@@ -4,13 +4,12 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from eaft_plugins import eaft_loss
 from eaft_plugins.ops.dense import token_scores
 from eaft_plugins.ops.entropy import exact_scores
 from eaft_plugins.ops.fused import fused_linear_eaft_loss
-from reference import DEVICE, IGNORE, reference_linear, reference_loss, to_device, tol
+from reference import IGNORE, reference_linear, reference_loss, to_device, tol
 
 V = 300
 

@@ -2,7 +2,6 @@
 numbers against a plain recomputation, the probe budget, and every probe-file error."""
 
 import json
-import math
 
 import pytest
 import torch
