@@ -4,10 +4,15 @@
     trainer = with_retention(trainer, probe="builtin", steps=None)   # before trainer.train()
 
 At train begin (before the first optimizer step) the model as loaded builds the reference and the step-0
-values are logged; then every `steps` optimizer steps (default: the logging interval, else the eval
-interval, else once per epoch) and at the last step the monitor measures and the values go into that
-step's training log entry (the trainer is asked to log at that step), so TensorBoard / W&B / the
-trainer's own log files get `retention/*`. At train end `retention.png` is drawn in output_dir.
+values are logged; then every `steps` optimizer steps and at the last step the monitor measures and the
+values go into that step's training log entry (the trainer is asked to log at that step), so TensorBoard /
+W&B / the trainer's own log files get `retention/*`. At train end `retention.png` is drawn in output_dir.
+
+Default interval (`steps` unset): the logging interval (else the eval interval, else once per epoch), or the
+smallest multiple of it that keeps one probe under SHARE of the training time between two probes, from the
+probe's and the steps' wall time measured in this run (decided once, after the first interval; printed).
+The reference is saved in output_dir and in every checkpoint: a resumed run measures against the model
+before fine-tuning, not against the checkpoint it resumed from.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import torch
 from transformers import TrainerCallback
 
 from .monitor import RetentionMonitor, model_context
@@ -25,6 +31,8 @@ from .probe import BUILTIN, load_rows, parse_steps
 
 BUILTIN_BUDGET = 2048  # probe tokens of the builtin set (prompts counted with their answer budget)
 TOPK = 32
+SHARE = 0.03  # the most of the training time the default interval lets the probe take
+REFERENCE = "retention_reference.pt"
 
 
 def tokenizer_of(trainer):
@@ -35,13 +43,30 @@ def tokenizer_of(trainer):
     return tok
 
 
+def _by_steps(strategy) -> bool:
+    return str(getattr(strategy, "value", strategy)).lower() == "steps"  # str(IntervalStrategy.STEPS) is not "steps"
+
+
 def default_interval(args, state) -> int:
-    if str(getattr(args, "logging_strategy", "")).endswith("steps") and state.logging_steps:
+    if _by_steps(getattr(args, "logging_strategy", None)) and state.logging_steps:
         return max(1, int(state.logging_steps))
-    if str(getattr(args, "eval_strategy", "")).endswith("steps") and state.eval_steps:
+    if _by_steps(getattr(args, "eval_strategy", None)) and state.eval_steps:
         return max(1, int(state.eval_steps))
     epochs = max(1, math.ceil(getattr(args, "num_train_epochs", 1) or 1))
     return max(1, state.max_steps // epochs)
+
+
+def auto_interval(base: int, probe_s: float, step_s: float, share: float = SHARE) -> int:
+    """The smallest multiple of `base` steps whose training time is at least probe_s / share."""
+    if probe_s <= 0 or step_s <= 0:
+        return base
+    return base * max(1, math.ceil(probe_s / (share * step_s * base)))
+
+
+def reference_name() -> str:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return f"retention_reference.rank{torch.distributed.get_rank()}.pt"
+    return REFERENCE
 
 
 class RetentionCallback(TrainerCallback):
@@ -52,14 +77,19 @@ class RetentionCallback(TrainerCallback):
                  budget: Optional[int] = None):
         self.rows = load_rows(probe, shown_probe)  # file problems stop here
         self.probe, self.steps, self.shown = probe, parse_steps(steps, shown_steps), shown_probe
+        self.shown_steps = shown_steps
         self.topk, self.max_new_tokens = topk, max_new_tokens
         self.budget = budget if budget is not None else (BUILTIN_BUDGET if probe.strip() == BUILTIN else None)
         self.monitor: Optional[RetentionMonitor] = None
         self.trainer = None
-        self.interval = None
+        self.interval = None  # None until decided (default interval)
+        self.base_interval = None
         self.pending = None
         self.history = []
         self.seconds = 0.0  # wall time spent probing (reference + measurements)
+        self.reference_seconds = 0.0  # of which the one-time reference build
+        self.probe_s = 0.0  # one measurement's wall time (for the default interval)
+        self.clock = None  # (wall time, step) when training time started counting
 
     # ---- when the trainer is built
 
@@ -90,30 +120,90 @@ class RetentionCallback(TrainerCallback):
         t0 = time.perf_counter()
         run = self.monitor.build_reference if build else self.monitor.measure
         values = run(trainer.model, autocast)
-        self.seconds += time.perf_counter() - t0
+        spent = time.perf_counter() - t0
+        self.seconds += spent
+        if build:
+            self.reference_seconds += spent
+        self.probe_s = self.monitor.seconds["score"] if build else spent
         self.history.append({"step": state.global_step, **values})
         if state.is_world_process_zero:
             with open(Path(trainer.args.output_dir) / "retention.jsonl", "a") as fh:
                 fh.write(json.dumps(self.history[-1]) + "\n")
         return values
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.interval = self.steps or default_interval(args, state)
-        self.history = []
+    def _load_reference(self, args, state) -> bool:
+        """On resume: the reference saved by the first run (its checkpoint or output_dir); False if none fits."""
+        out = Path(args.output_dir)
+        places = [Path(args.resume_from_checkpoint)] if isinstance(args.resume_from_checkpoint, str) else []
+        places += [out / f"checkpoint-{state.global_step}", out]
+        why = "no saved reference was found in " + ", ".join(str(p) for p in dict.fromkeys(places))
+        for place in dict.fromkeys(places):
+            path = place / reference_name()
+            if path.is_file():
+                why = self.monitor.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+                if why is None:
+                    return True
+                why = f"{path} does not fit: {why}"
         if state.is_world_process_zero:
-            Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-            (Path(args.output_dir) / "retention.jsonl").write_text("")
-            if state.global_step > 0:
-                print(f"[eaft-plugins] {self.shown}: resumed at step {state.global_step}; the retention reference is "
-                      "the resumed model, not the model before fine-tuning", flush=True)
-        values = self._probe(state, build=True)
-        self.trainer.log(dict(values))  # the step-0 entry
+            print(f"[eaft-plugins] {self.shown}: resumed at step {state.global_step} and {why}; the retention "
+                  "reference is rebuilt from the resumed model, NOT the model before fine-tuning", flush=True)
+        return False
+
+    def _save_reference(self, folder) -> None:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        torch.save(self.monitor.state_dict(), Path(folder) / reference_name())
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.base_interval = self.steps or default_interval(args, state)
+        self.interval = self.steps
+        out = Path(args.output_dir)
+        log = out / "retention.jsonl"
+        self.history = []
+        if state.global_step > 0 and self._load_reference(args, state):
+            if log.is_file():  # the first run's curve, up to where this run resumes
+                self.history = [r for r in map(json.loads, log.read_text().splitlines())
+                                if r.get("step", 0) < state.global_step]
+            if state.is_world_process_zero:
+                log.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+            values = self._probe(state, build=False)
+        else:
+            if state.is_world_process_zero:
+                out.mkdir(parents=True, exist_ok=True)
+                log.write_text("")
+            values = self._probe(state, build=True)
+            self._save_reference(out)
+        self.trainer.log(dict(values))  # the step-0 (or resumed step) entry
+        self.clock = (time.perf_counter(), state.global_step)
+        self._seconds_at_clock = self.seconds
+
+    def _decide(self, state) -> int:
+        """The default interval, once: the same on every rank (the probe is a collective)."""
+        t0, step0 = self.clock
+        step_s = (time.perf_counter() - t0 - (self.seconds - self._seconds_at_clock)) / max(state.global_step - step0, 1)
+        n = auto_interval(self.base_interval, self.probe_s, step_s)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            t = torch.tensor([n], dtype=torch.long, device=next(self.trainer.model.parameters()).device)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+            n = int(t.item())
+        if state.is_world_process_zero:
+            why = (f", lengthened so one probe ({self.probe_s:.2f} s) stays under {SHARE:.0%} of the training time "
+                   f"({step_s:.2f} s a step)") if n > self.base_interval else ""
+            print(f"[eaft-plugins] {self.shown}: measuring every {n} steps ({self.shown_steps} not set: the trainer's "
+                  f"logging interval {self.base_interval}{why}); set {self.shown_steps} to choose", flush=True)
+        return n
 
     def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step % self.interval == 0 or state.global_step >= state.max_steps:
+        if self.interval is None and state.global_step - self.clock[1] >= self.base_interval:
+            self.interval = self._decide(state)
+        due = self.interval is not None and state.global_step % self.interval == 0
+        if due or state.global_step >= state.max_steps:
             self.pending = self._probe(state, build=False)
             control.should_log = True
         return control
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.monitor is not None and self.monitor.ready:  # a resume from this checkpoint finds the reference
+            self._save_reference(Path(args.output_dir) / f"checkpoint-{state.global_step}")
 
     def on_train_end(self, args, state, control, **kwargs):
         if state.is_world_process_zero and self.history:

@@ -11,7 +11,8 @@ PROBE_HELP = ("retention monitor (any loss, SFT or EAFT): `builtin` (the package
               "a JSONL file of {\"text\"} / {\"prompt\"} / {\"question\", \"choices\", \"answer\"} rows; logs "
               "retention/kl_base, retention/text_nll, retention/mc_logp and draws retention.png (docs/retention.md)")
 STEPS_HELP = ("optimizer steps between two retention probes (default: the logging interval, else the eval "
-              "interval, else once per epoch); needs retention_probe")
+              "interval, else once per epoch, lengthened to a multiple of it if a probe would take more than 3% of "
+              "the training time; printed at the first interval); needs retention_probe")
 FIELDS = {"retention_probe": (Optional[str], PROBE_HELP), "retention_steps": (Optional[int], STEPS_HELP)}
 
 

@@ -17,7 +17,9 @@ all-reduced (ZeRO-3 gathers parameters collectively: a rank skipping a forward w
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
+import time
 from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -25,6 +27,7 @@ import torch
 
 from .probe import Row
 
+GENERATE_BATCH = 16
 METRICS = ("kl_base", "text_nll", "text_nll_delta", "mc_logp", "mc_logp_delta")
 PREFIX = "retention/"
 
@@ -95,6 +98,7 @@ class RetentionMonitor:
         self.local: List[Item] = []
         self.base: Dict[str, float] = {}
         self.ready = False
+        self.seconds = {"generate": 0.0, "score": 0.0}  # of the last reference build; score ~ one measure
 
     def _encode(self, row: Row) -> Item:
         tok = self.tok
@@ -129,11 +133,14 @@ class RetentionMonitor:
                                                               rank, world)]
         others = [it for it in self.items if it.row.kind != "prompt"]
         with _eval_mode(model):
+            t0 = time.perf_counter()
             answers = self._generate(model, [it.ids for it in prompts], world, autocast)
             for it, answer in zip(prompts, answers):
                 it.start, it.ids = len(it.ids), it.ids + answer
             self.local = prompts + self._share(others, rank, world)
+            t1 = time.perf_counter()
             sums = self._run(model, autocast, store=True)
+            self.seconds = {"generate": t1 - t0, "score": time.perf_counter() - t1}
         totals = self._reduce(sums, model)
         self.base = {"text_nll": _ratio(-totals["text_sum"], totals["text_n"]),
                      "mc_logp": _ratio(totals["mc_sum"], totals["mc_n"])}
@@ -146,8 +153,10 @@ class RetentionMonitor:
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         eos = eos if eos is not None else self.tok.eos_token_id
         stops = set(eos if isinstance(eos, (list, tuple)) else [eos])
-        for start in range(0, len(prompts), self.batch_size):
-            batch = prompts[start:start + self.batch_size]
+        # Decoding is one forward per new token whatever the batch: a wide batch takes 48 steps, not 48 per 4 prompts.
+        width = max(self.batch_size, GENERATE_BATCH)
+        for start in range(0, len(prompts), width):
+            batch = prompts[start:start + width]
             n = max(len(p) for p in batch)
             ids = torch.full((len(batch), n), self.pad_id, dtype=torch.long)
             mask = torch.zeros((len(batch), n), dtype=torch.long)
@@ -178,8 +187,10 @@ class RetentionMonitor:
     def _run(self, model, autocast, store: bool) -> Dict[str, float]:
         sums = dict.fromkeys(("kl_sum", "kl_n", "text_sum", "text_n", "mc_sum", "mc_n"), 0.0)
         device = _device(model)
-        for start in range(0, len(self.local), self.batch_size):
-            batch = self.local[start:start + self.batch_size]
+        # Similar lengths share a batch (less padding); every rank has the same count, so the same calls.
+        ordered = sorted(self.local, key=lambda it: len(it.ids))
+        for start in range(0, len(ordered), self.batch_size):
+            batch = ordered[start:start + self.batch_size]
             n = max(len(it.ids) for it in batch)
             ids = torch.full((len(batch), n), self.pad_id, dtype=torch.long)
             mask = torch.zeros((len(batch), n), dtype=torch.long)
@@ -225,6 +236,33 @@ class RetentionMonitor:
             out["mc_logp"] = totals["mc_sum"] / totals["mc_n"]
             out["mc_logp_delta"] = out["mc_logp"] - self.base["mc_logp"]
         return {PREFIX + k: v for k, v in out.items()}
+
+    # ---- saving the reference (a resumed run measures against the model before fine-tuning, not the checkpoint)
+
+    def fingerprint(self) -> str:
+        """Identifies the encoded probe (rows, tokenizer ids, settings): a saved reference must match it."""
+        h = hashlib.sha1(repr((self.topk, self.max_new_tokens, [(it.row.kind, it.ids, it.start) for it in self.items])
+                              ).encode())
+        return h.hexdigest()[:16]
+
+    def state_dict(self) -> dict:
+        rank, world = _dist()
+        return {"fingerprint": self.fingerprint(), "rank": rank, "world": world, "base": dict(self.base),
+                "local": [{"ids": it.ids, "start": it.start, "weight": it.weight, "ref": it.ref,
+                           "row": [it.row.kind, it.row.text, list(it.row.choices), it.row.answer, it.row.where]}
+                          for it in self.local]}
+
+    def load_state_dict(self, state: dict) -> Optional[str]:
+        """Restore a saved reference; returns why it does not fit (and loads nothing), else None."""
+        rank, world = _dist()
+        if state.get("fingerprint") != self.fingerprint():
+            return "it was built from another probe, tokenizer or settings"
+        if (state.get("rank"), state.get("world")) != (rank, world):
+            return f"it was saved by rank {state.get('rank')} of {state.get('world')}, this is rank {rank} of {world}"
+        self.local = [Item(Row(d["row"][0], d["row"][1], tuple(d["row"][2]), d["row"][3], d["row"][4]), d["ids"],
+                           d["start"], d["weight"], d["ref"]) for d in state["local"]]
+        self.base, self.ready = dict(state["base"]), True
+        return None
 
     def reference_bytes(self) -> int:
         """Memory held by the stored reference (the top-k log-probs, ids and tail mass)."""

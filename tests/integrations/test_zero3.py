@@ -1,6 +1,7 @@
 """DeepSpeed ZeRO-3 shown, not assumed: the real `llamafactory-cli train` with the repo's ZeRO-3 config
 (recipes/common/ds_z3_config.json) on DeepSpeed's CPU accelerator, 2 processes over gloo, logs the same
-per-step losses as a 2-process DDP run on the same data and seed, for dense and fused EAFT."""
+per-step losses as a 2-process DDP run on the same data and seed, for dense and fused EAFT; and the retention
+monitor (retention_probe) runs under both, its probe items dealt over the ranks, with the same values."""
 
 import json
 import os
@@ -61,15 +62,25 @@ def train(model_dir, data_dir, out: Path, port: int, *, zero3: bool, **overrides
     return [row for row in log_history(out) if "loss" in row]
 
 
+# Three prompts (two on rank 0, one on rank 1 plus a zero-weight copy), two texts, one choice question.
+RETENTION = ('{"prompt": "Name a colour."}\n{"text": "Bees make honey from the nectar of flowers."}\n'
+             '{"prompt": "Say hello in French."}\n{"question": "2 + 2 = ?", "choices": ["3", "4"], "answer": 1}\n'
+             '{"prompt": "What is the capital of Italy?"}\n{"text": "The Moon orbits the Earth."}\n')
+
+
 @pytest.fixture(scope="module")
 def runs(smollm2_dir, tmp_path_factory):
     base = tmp_path_factory.mktemp("zero3")
     data = write_dataset(base / "data", 8, seed=1)
+    probe = base / "retention.jsonl"
+    probe.write_text(RETENTION)
+    watch = dict(retention_probe=str(probe), retention_steps=1)
     return {
-        "ddp": train(smollm2_dir, data, base / "ddp", 29751, zero3=False),
-        "zero3": train(smollm2_dir, data, base / "zero3", 29752, zero3=True),
+        "ddp": train(smollm2_dir, data, base / "ddp", 29751, zero3=False, **watch),
+        "zero3": train(smollm2_dir, data, base / "zero3", 29752, zero3=True, **watch),
         "zero3_fused": train(smollm2_dir, data, base / "zero3_fused", 29753, zero3=True, eaft_fused=True),
         "probe": base / "zero3_fused_probe",
+        "dirs": base, "retention": probe,
     }
 
 
@@ -103,6 +114,47 @@ def test_zero3_fused_eaft_losses_equal_ddp(runs):
         calls = (runs["probe"] / f"rank{rank}.txt").read_text().split("\n")[:-1]
         assert len(calls) == STEPS
         assert set(calls) == {"True (49152, 576)"}
+
+
+@pytest.mark.dist
+@pytest.mark.e2e
+def test_retention_monitor_under_ddp_and_zero3(runs, smollm2_dir):
+    """Every rank ran the same probe calls (a rank that skipped one would hang ZeRO-3's parameter gathering),
+    the reduced values match between DDP and ZeRO-3, and step 0 equals one process measuring all items."""
+    import torch
+    from llamafactory.data import get_template_and_fix_tokenizer
+    from llamafactory.hparams import DataArguments, ModelArguments
+    from llamafactory.model import load_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    from eaft_plugins.retention import RetentionMonitor
+    from eaft_plugins.retention.probe import read_rows
+
+    curves = {}
+    for name in ("ddp", "zero3"):
+        out = runs["dirs"] / name
+        curves[name] = [json.loads(x) for x in (out / "retention.jsonl").read_text().splitlines()]
+        assert [p["step"] for p in curves[name]] == [0, 1, 2]
+        for rank in (0, 1):  # each rank saved its own share of the reference
+            assert (out / f"retention_reference.rank{rank}.pt").is_file()
+        logged = [row for row in log_history(out) if "retention/kl_base" in row]
+        assert [row["step"] for row in logged] == [0, 1, 2]
+    # The weights after a step differ by fp32 rounding (see same_steps): measured 4e-7 relative on mc_logp (~ -9.5),
+    # so a change from the base (a difference of two such numbers) carries ~4e-6 absolute.
+    for got, want in zip(curves["zero3"], curves["ddp"]):
+        for key, value in want.items():
+            tol = dict(abs=2e-5) if key.endswith("_delta") else dict(rel=1e-5, abs=1e-7)
+            assert got[key] == pytest.approx(value, **tol), (got["step"], key)
+    assert curves["ddp"][0]["retention/kl_base"] == 0.0 and curves["ddp"][2]["retention/kl_base"] > 0
+
+    # One process, all items, the tokenizer as LLaMA-Factory hands it to the trainer (its chatml template renders
+    # the prompts: without it SmolLM2's own template adds a system turn and mc_logp differs).
+    tok = load_tokenizer(ModelArguments(model_name_or_path=str(smollm2_dir)))["tokenizer"]
+    get_template_and_fix_tokenizer(tok, DataArguments(template="chatml"))
+    single = RetentionMonitor(read_rows(runs["retention"]), tok)
+    step0 = single.build_reference(AutoModelForCausalLM.from_pretrained(str(smollm2_dir), dtype=torch.float32))
+    for key, value in step0.items():
+        assert curves["zero3"][0][key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
 
 
 # SmolLM2 ties lm_head to the embedding; an untied head is a parameter no module forward gathers, so
