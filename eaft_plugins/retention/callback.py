@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 from transformers import TrainerCallback
 
-from .monitor import RetentionMonitor, model_context
+from .monitor import RetentionMonitor, _device, _dist, model_context
 from .probe import BUILTIN, load_rows, parse_steps
 
 BUILTIN_BUDGET = 2048  # probe tokens of the builtin set (prompts counted with their answer budget)
@@ -64,9 +64,8 @@ def auto_interval(base: int, probe_s: float, step_s: float, share: float = SHARE
 
 
 def reference_name() -> str:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return f"retention_reference.rank{torch.distributed.get_rank()}.pt"
-    return REFERENCE
+    rank, world = _dist()
+    return f"retention_reference.rank{rank}.pt" if world > 1 else REFERENCE
 
 
 class RetentionCallback(TrainerCallback):
@@ -89,7 +88,7 @@ class RetentionCallback(TrainerCallback):
         self.seconds = 0.0  # wall time spent probing (reference + measurements)
         self.reference_seconds = 0.0  # of which the one-time reference build
         self.probe_s = 0.0  # one measurement's wall time (for the default interval)
-        self.clock = None  # (wall time, step) when training time started counting
+        self.clock = None  # (wall time, step, self.seconds) when training time started counting
 
     # ---- when the trainer is built
 
@@ -135,9 +134,9 @@ class RetentionCallback(TrainerCallback):
         """On resume: the reference saved by the first run (its checkpoint or output_dir); False if none fits."""
         out = Path(args.output_dir)
         places = [Path(args.resume_from_checkpoint)] if isinstance(args.resume_from_checkpoint, str) else []
-        places += [out / f"checkpoint-{state.global_step}", out]
-        why = "no saved reference was found in " + ", ".join(str(p) for p in dict.fromkeys(places))
-        for place in dict.fromkeys(places):
+        places = list(dict.fromkeys(places + [out / f"checkpoint-{state.global_step}", out]))
+        why = "no saved reference was found in " + ", ".join(str(p) for p in places)
+        for place in places:
             path = place / reference_name()
             if path.is_file():
                 why = self.monitor.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
@@ -173,16 +172,15 @@ class RetentionCallback(TrainerCallback):
             values = self._probe(state, build=True)
             self._save_reference(out)
         self.trainer.log(dict(values))  # the step-0 (or resumed step) entry
-        self.clock = (time.perf_counter(), state.global_step)
-        self._seconds_at_clock = self.seconds
+        self.clock = (time.perf_counter(), state.global_step, self.seconds)
 
     def _decide(self, state) -> int:
         """The default interval, once: the same on every rank (the probe is a collective)."""
-        t0, step0 = self.clock
-        step_s = (time.perf_counter() - t0 - (self.seconds - self._seconds_at_clock)) / max(state.global_step - step0, 1)
+        t0, step0, probed = self.clock
+        step_s = (time.perf_counter() - t0 - (self.seconds - probed)) / max(state.global_step - step0, 1)
         n = auto_interval(self.base_interval, self.probe_s, step_s)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            t = torch.tensor([n], dtype=torch.long, device=next(self.trainer.model.parameters()).device)
+        if _dist()[1] > 1:
+            t = torch.tensor([n], dtype=torch.long, device=_device(self.trainer.model))
             torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
             n = int(t.item())
         if state.is_world_process_zero:
