@@ -18,6 +18,19 @@ ON_CPU = DEVICE.type == "cpu"
 DTYPES = [torch.float32] if ON_CPU else [torch.float32, torch.bfloat16]
 
 
+# The loss options every op is checked on against the reference.
+OPTION_CASES = [
+    {},
+    {"topk": 5},
+    {"topk": None},
+    {"alpha": 0.5},
+    {"alpha": 2.0, "topk": 7},
+    {"entropy_norm": "upstream"},
+    {"entropy_norm": "none"},
+    {"gate": "hard", "h_min": 0.6, "p_min": 0.2},
+]
+
+
 def cpu_only(reason: str):
     """Marks a test that cannot run on the test device; the reason is printed with -ra."""
     return pytest.mark.skipif(not ON_CPU, reason=f"CPU-ONLY, not run on {DEVICE}: {reason}")

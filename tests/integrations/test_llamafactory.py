@@ -216,17 +216,12 @@ REFERENCE_SCRIPT = """
 import json, sys
 import torch
 from eaft_plugins import EAFTOptions, eaft_loss
-from llamafactory.data import get_dataset, get_template_and_fix_tokenizer
-from llamafactory.hparams import get_train_args
-from llamafactory.model import load_tokenizer
+from eaft_plugins.tools.demo import sft_rows
 from transformers import AutoModelForCausalLM
 
 job = json.loads(sys.argv[1])
-model_args, data_args, training_args, _, _ = get_train_args(job["cfg"])
-tokenizer_module = load_tokenizer(model_args)
-template = get_template_and_fix_tokenizer(tokenizer_module["tokenizer"], data_args)
-ds = get_dataset(template, model_args, data_args, training_args, stage="sft", **tokenizer_module)["train_dataset"]
-rows = [ds[i] for i in range(job["batch_size"])]
+ds = sft_rows(job["cfg"])
+rows = ds[:job["batch_size"]]
 supervised = lambda r: sum(1 for t in r["labels"] if t != -100)
 n_items = sum(supervised(r) for r in rows)
 model = AutoModelForCausalLM.from_pretrained(job["cfg"]["model_name_or_path"], dtype=torch.float32).eval()
@@ -240,7 +235,7 @@ with torch.no_grad():
         ce_sum += float(out.stats.ce_sum)
         tokens += int(out.stats.tokens)
 print("REFERENCE", json.dumps({"loss": loss, "ce": ce_sum / tokens, "tokens": tokens,
-                               "all_tokens": sum(supervised(ds[i]) for i in range(len(ds)))}))
+                               "all_tokens": sum(supervised(r) for r in ds)}))
 """
 
 

@@ -24,17 +24,11 @@ REFERENCE = """
 import json, sys
 import torch
 from eaft_plugins import eaft_loss
-from llamafactory.data import get_dataset, get_template_and_fix_tokenizer
-from llamafactory.hparams import get_train_args
-from llamafactory.model import load_tokenizer
+from eaft_plugins.tools.demo import sft_rows
 from transformers import AutoModelForCausalLM
 
 job = json.loads(sys.argv[1])
-model_args, data_args, training_args, _, _ = get_train_args(job["cfg"])
-tokenizer_module = load_tokenizer(model_args)
-template = get_template_and_fix_tokenizer(tokenizer_module["tokenizer"], data_args)
-ds = get_dataset(template, model_args, data_args, training_args, stage="sft", **tokenizer_module)["train_dataset"]
-rows = [ds[i] for i in range(job["batch"])]
+rows = sft_rows(job["cfg"], job["batch"])
 width = max(len(r["input_ids"]) for r in rows)
 pad = lambda seq, value: list(seq) + [value] * (width - len(seq))
 ids = torch.tensor([pad(r["input_ids"], 0) for r in rows])

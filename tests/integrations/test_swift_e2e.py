@@ -139,23 +139,25 @@ def scaled_data(tmp_path_factory):
     return path, rows
 
 
+def eaft_args(data):
+    """EAFT with loss scales, evaluated every 2 steps on the training rows."""
+    return ("--loss_type", "eaft", "--eaft_topk", "10", "--eaft_alpha", "0.5", "--is_binary_loss_scale", "false",
+            "--val_dataset", str(data), "--eval_strategy", "steps", "--eval_steps", "2",
+            "--per_device_eval_batch_size", "2")
+
+
 @pytest.fixture(scope="module")
 def eaft_run(smollm2_dir, scaled_data, tmp_path_factory):
     data, _ = scaled_data
-    out = tmp_path_factory.mktemp("swift_eaft")
-    return swift_sft(smollm2_dir, data, out, "--loss_type", "eaft", "--eaft_topk", "10", "--eaft_alpha", "0.5",
-                     "--is_binary_loss_scale", "false", "--val_dataset", str(data), "--eval_strategy", "steps",
-                     "--eval_steps", "2", "--per_device_eval_batch_size", "2")
+    return swift_sft(smollm2_dir, data, tmp_path_factory.mktemp("swift_eaft"), *eaft_args(data))
 
 
 @pytest.fixture(scope="module")
 def eaft_fused_run(smollm2_dir, scaled_data, tmp_path_factory):
     """The eaft_run settings with --eaft_fused true: the loss from hidden states + LM head, no logits."""
     data, _ = scaled_data
-    out = tmp_path_factory.mktemp("swift_eaft_fused")
-    return swift_sft(smollm2_dir, data, out, "--loss_type", "eaft", "--eaft_topk", "10", "--eaft_alpha", "0.5",
-                     "--is_binary_loss_scale", "false", "--val_dataset", str(data), "--eval_strategy", "steps",
-                     "--eval_steps", "2", "--per_device_eval_batch_size", "2", "--eaft_fused", "true")
+    return swift_sft(smollm2_dir, data, tmp_path_factory.mktemp("swift_eaft_fused"), *eaft_args(data),
+                     "--eaft_fused", "true")
 
 
 def test_eaft_step1_loss_and_metrics_match_recomputation(smollm2_dir, model, scaled_data, eaft_run):

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from eaft_plugins import EAFTOptions, eaft_loss
 from eaft_plugins.ops.dense import token_scores
-from reference import DEVICE, DTYPES, IGNORE, reference_loss, to_device, tol
+from reference import DEVICE, DTYPES, IGNORE, OPTION_CASES, reference_loss, to_device, tol
 
 
 def reference(logits, labels, **kwargs):
@@ -26,18 +26,6 @@ def make_batch(b=2, t=9, v=40, masked=3, seed=0, dtype=torch.float32, scale=3.0)
     labels = torch.randint(0, v, (b, t), generator=g)
     labels[:, :masked] = IGNORE
     return to_device(logits, labels, dtype=dtype)
-
-
-OPTION_CASES = [
-    {},
-    {"topk": 5},
-    {"topk": None},
-    {"alpha": 0.5},
-    {"alpha": 2.0, "topk": 7},
-    {"entropy_norm": "upstream"},
-    {"entropy_norm": "none"},
-    {"gate": "hard", "h_min": 0.6, "p_min": 0.2},
-]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

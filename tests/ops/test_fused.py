@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from eaft_plugins import EAFTOptions, eaft_loss
 from eaft_plugins.ops.fused import fused_linear_eaft_loss, needs_two_passes
 from eaft_plugins.ops.dense import token_scores
-from reference import DEVICE, DTYPES, IGNORE, reference_linear, to_device, tol
+from reference import DEVICE, DTYPES, IGNORE, OPTION_CASES, reference_linear, to_device, tol
 
 
 def make_inputs(b=2, t=9, h=12, v=40, masked=3, seed=0, dtype=torch.float32, bias=True, scale=1.5):
@@ -49,15 +49,7 @@ def assert_same(a, b, rtol=1e-5, atol=1e-6):
             torch.testing.assert_close(ga, gb, rtol=rtol, atol=atol)
 
 
-OPTION_CASES = [
-    {},
-    {"topk": 5},
-    {"topk": None},
-    {"alpha": 0.5},
-    {"alpha": 2.0, "topk": 7},
-    {"entropy_norm": "upstream"},
-    {"entropy_norm": "none"},
-    {"gate": "hard", "h_min": 0.6, "p_min": 0.2},
+FUSED_CASES = OPTION_CASES + [  # and the batch-level options the fused op takes itself
     {"num_items": 50},
     {"weight_norm": "mean"},
     {"weight_norm": "mean", "mean_weight": 0.37},
@@ -72,7 +64,7 @@ def _kw(case):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", OPTION_CASES)
+@pytest.mark.parametrize("case", FUSED_CASES)
 @pytest.mark.parametrize("chunk", [1, 4, 1000])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_fused_equals_reference_and_dense(case, chunk, with_bias, dtype):
