@@ -1,8 +1,8 @@
 """Entropy-Adaptive Fine-Tuning (EAFT, arXiv 2601.02151) for LLaMA-Factory, ms-swift and TRL.
 
 Layers: the core here (options, stats, run), the ops in `ops/` (dense, fused, vocab-parallel,
-the Hugging Face model patch, their shared helpers), one sub-package per framework in
-`integrations/`, and the command-line tools in `tools/`.
+their shared helpers; torch only), the Hugging Face model patch in `models/`, one sub-package per
+framework in `integrations/`, and the command-line tools in `tools/`.
 
 Importing this package is cheap (no torch): the `.pth` bootstrap imports it at every
 interpreter start. The public names below load on first use.
@@ -15,7 +15,7 @@ _LAZY = {
     "EAFTOutput": ("eaft_plugins.ops.common", "EAFTOutput"),
     "fused_linear_eaft_loss": ("eaft_plugins.ops.fused", "fused_linear_eaft_loss"),
     "vocab_parallel_eaft_loss": ("eaft_plugins.ops.vocab_parallel", "vocab_parallel_eaft_loss"),
-    "patch_model_for_fused_eaft": ("eaft_plugins.ops.hf_patch", "patch_model_for_fused_eaft"),
+    "patch_model_for_fused_eaft": ("eaft_plugins.models", "patch_model_for_fused_eaft"),
     "EAFTConfig": ("eaft_plugins.options", "EAFTConfig"),
     "EAFTRun": ("eaft_plugins.run", "EAFTRun"),
     "EAFTOptions": ("eaft_plugins.options", "EAFTOptions"),

@@ -72,7 +72,7 @@ class EAFTRun:
 
     def patch_fused(self, model, keep_logits: bool = False):
         """Patch the model's forward to compute the fused EAFT loss (ValueError, naming the key, when it cannot)."""
-        from .ops.hf_patch import patch_model_for_fused_eaft
+        from .models import patch_model_for_fused_eaft
 
         try:
             self.fused = patch_model_for_fused_eaft(model, self.options, keep_logits=keep_logits)
@@ -130,7 +130,7 @@ class EAFTRun:
             return None
         import torch
 
-        from .ops.hf_patch import router_aux_coef
+        from .models import router_aux_coef
 
         try:
             if model is None:

@@ -18,7 +18,7 @@ PY=${PYTHON:-python3}
 OUT=${OUT:-$ROOT/outputs/device_check}
 WHEELS=$ROOT/.cache/device_wheels  # ignored by .gitignore's .cache/; `carry` takes it to the device
 DEVICE=cuda
-TESTS="tests/ops/test_dense.py tests/ops/test_fused.py tests/ops/test_hf_patch.py tests/ops/test_vocab_parallel.py"
+TESTS="tests/ops/test_dense.py tests/ops/test_fused.py tests/models/test_patch.py tests/ops/test_vocab_parallel.py"
 BENCH=()
 FETCH=0
 while [ $# -gt 0 ]; do

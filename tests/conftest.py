@@ -46,7 +46,7 @@ def pytest_report_header(config):
 
 
 def pytest_collection_modifyitems(session, config, items):
-    # The ops layer first: ms-swift, imported in-process by the integration tests, patches
-    # transformers.Trainer globally (swift/trainers/patcher.py), which a plain-Trainer op test must not see.
-    ops = ROOT / "tests" / "ops"
-    items.sort(key=lambda item: 0 if ops in Path(str(item.fspath)).parents else 1)
+    # The ops and model-patch layers first: ms-swift, imported in-process by the integration tests, patches
+    # transformers.Trainer globally (swift/trainers/patcher.py), which a plain-Trainer test there must not see.
+    first = {ROOT / "tests" / "ops", ROOT / "tests" / "models"}
+    items.sort(key=lambda item: 0 if first & set(Path(str(item.fspath)).parents) else 1)

@@ -1,2 +1,3 @@
-"""The EAFT ops (torch only): dense on logits, fused with the LM head, vocab-parallel, and the
-patch that makes a Hugging Face causal LM use the fused op. All share `common` and `entropy`."""
+"""The EAFT ops (torch only, no framework import): dense on logits, fused with the LM head, and
+vocab-parallel. All share `common` and `entropy`; `eaft_plugins.models` makes a Hugging Face causal
+LM use the fused op."""

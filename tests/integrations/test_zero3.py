@@ -25,16 +25,16 @@ STEPS = 2
 # weight, so the test sees that the fused path ran and that ZeRO-3 had gathered the full weight.
 PROBE = """
 import os
-import eaft_plugins.ops.hf_patch as hf_patch
+import eaft_plugins.models.patch as patch
 
-_fused = hf_patch.fused_linear_eaft_loss
+_fused = patch.fused_linear_eaft_loss
 
 def _probe(hidden, weight, *args, **kwargs):
     with open(os.path.join(os.environ["EAFT_PROBE_DIR"], f"rank{os.environ.get('RANK', 0)}.txt"), "a") as f:
         f.write(f"{getattr(weight, 'ds_id', None) is not None} {tuple(weight.shape)}\\n")
     return _fused(hidden, weight, *args, **kwargs)
 
-hf_patch.fused_linear_eaft_loss = _probe
+patch.fused_linear_eaft_loss = _probe
 """
 
 
@@ -166,7 +166,7 @@ import deepspeed, torch
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 from transformers import LlamaConfig, LlamaForCausalLM
 from eaft_plugins.ops.dense import eaft_loss
-from eaft_plugins.ops.hf_patch import patch_model_for_fused_eaft
+from eaft_plugins.models import patch_model_for_fused_eaft
 
 torch.manual_seed(0)
 cfg = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from eaft_plugins import eaft_loss
-from eaft_plugins.ops.hf_patch import patch_model_for_fused_eaft
+from eaft_plugins.models import patch_model_for_fused_eaft
 from reference import DEVICE, DTYPES, IGNORE, ON_CPU, reference_loss, tol
 
 
@@ -156,7 +156,7 @@ def test_without_labels_the_original_forward_runs_and_unpatch_restores():
 
 
 def test_a_denied_family_raises_naming_the_reason():
-    """Families are read from their forward (tests/ops/test_hf_patch_families.py); a denied one says why."""
+    """Families are read from their forward (tests/models/test_families.py); a denied one says why."""
     import transformers
 
     config = transformers.BartConfig(vocab_size=50, d_model=16, decoder_layers=1, encoder_layers=1, decoder_ffn_dim=16,

@@ -12,7 +12,7 @@ import torch
 
 from eaft_plugins import eaft_loss
 from eaft_plugins.ops.fused import LogitTransform, fused_linear_eaft_loss
-from eaft_plugins.ops.hf_patch import describe_model, patch_model_for_fused_eaft, router_aux_coef
+from eaft_plugins.models import describe_model, patch_model_for_fused_eaft, router_aux_coef
 
 VOCAB = 128
 COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -341,13 +341,13 @@ def test_the_supported_families_table_in_the_docs_is_what_the_discovery_finds():
     if transformers.__version__ != "5.6.0":
         pytest.skip(f"SKIPPED: docs/performance.md's table is generated with transformers 5.6.0, this is "
                     f"{transformers.__version__}")
-    from eaft_plugins.ops.hf_patch import families_table
+    from eaft_plugins.models.families import families_table
 
     page = pathlib.Path(__file__).resolve().parents[2] / "docs" / "performance.md"
     shown = re.search(r"<!-- families table -->\n(.*?)\n<!-- end of families table -->", page.read_text(), re.S)
     assert shown is not None, "docs/performance.md lost its families table markers"
     assert shown.group(1) == families_table(), (
-        'regenerate: python -c "from eaft_plugins.ops.hf_patch import families_table; print(families_table())"')
+        'regenerate: python -c "from eaft_plugins.models.families import families_table; print(families_table())"')
     rows = {line.split("`")[1]: line for line in shown.group(1).splitlines()[2:]}
     for _, model_cls, _, _ in FAMILIES.values():  # every family tested above is a "supported" row
         assert rows[model_cls].endswith("| supported |"), model_cls
