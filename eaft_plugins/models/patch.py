@@ -46,7 +46,7 @@ from torch import nn
 from ..ops.fused import fused_linear_eaft_loss
 from ..options import OptionsLike, make_options
 from ..stats import EAFTStats
-from .reader import FamilyPlan, causal_lm_of, describe_model, router_aux_coef
+from .reader import HEAD_ATTRS, FamilyPlan, causal_lm_of, describe_model, router_aux_coef
 
 
 class FusedEAFT:
@@ -110,13 +110,20 @@ def _check_lm_head(lm: nn.Module, name: str = "lm_head") -> None:
 
 
 class _HeadStub(nn.Module):
-    """Stands in for the LM head during the family's forward: keeps its input, returns no logits."""
+    """Stands in for the LM head during the family's forward: keeps its input, returns no logits, and answers
+    reads of the real head's weight, bias and sizes (HEAD_ATTRS)."""
 
     def __init__(self, real: nn.Module, run: bool):
         super().__init__()
         self.real = [real]  # a list: not registered as a submodule
         self.run = run
         self.hidden = None
+
+    def __getattr__(self, name):
+        # e.g. Mamba's `self.lm_head(hidden.to(self.lm_head.weight.dtype))`; the reader refuses other reads
+        if name in HEAD_ATTRS:
+            return getattr(self.__dict__["real"][0], name)
+        return super().__getattr__(name)
 
     def forward(self, hidden):
         self.hidden = hidden

@@ -49,6 +49,10 @@ DENIED_SUFFIXES = {
 
 TANH = ("torch.tanh", "nn.functional.tanh", "torch.nn.functional.tanh", "F.tanh")
 PASS_THROUGH = ("float", "contiguous")  # methods on the logits that do not change their values for the op
+# What the family's forward may read of its LM head besides calling it, e.g. Mamba's
+# `self.lm_head(hidden.to(self.lm_head.weight.dtype))`: the stub that stands in for the head while the forward
+# runs (models/patch.py) answers these from the real head; any other read is refused when patching.
+HEAD_ATTRS = ("weight", "bias", "in_features", "out_features")
 
 
 class Unsupported(ValueError):
@@ -213,6 +217,7 @@ class _Reader:
         calls = [n for n in ast.walk(self.fn_def) if isinstance(n, ast.Call) and _is_self_attr(n.func, head)]
         if len(calls) != 1:
             raise self.refuse(f"it calls its LM head `self.{head}` {len(calls)} times (fused EAFT needs exactly one call)")
+        self.check_head_reads(head)
         at = next(i for i, s in enumerate(body) if any(n is calls[0] for n in ast.walk(s)))
         for stmt in body[:at]:
             if _mentions(stmt, "labels"):
@@ -232,6 +237,18 @@ class _Reader:
                 raise self.refuse(f"its router loss coefficient cannot be read ({exc})", self.aux_coef) from None
         return FamilyPlan(self.family, head, self.transform(), None if self.aux_coef is None else ast.unparse(self.aux_coef),
                           self.forward)
+
+    def check_head_reads(self, head: str) -> None:
+        """Besides its one call, the forward may only read HEAD_ATTRS of its head (the stub answers those)."""
+        parents = {child: node for node in ast.walk(self.fn_def) for child in ast.iter_child_nodes(node)}
+        for node in ast.walk(self.fn_def):
+            if not _is_self_attr(node, head):
+                continue
+            parent = parents[node]
+            called = isinstance(parent, ast.Call) and parent.func is node
+            if not (called or isinstance(parent, ast.Attribute) and parent.attr in HEAD_ATTRS):
+                raise self.refuse(f"it reads its LM head `self.{head}` other than by calling it or reading "
+                                  f"{', '.join(HEAD_ATTRS)}", parent)
 
     # -- expressions
 

@@ -2,7 +2,7 @@
 
 Float64 on the CPU: the fused loss and every parameter's gradient equal `eaft_loss(model(...).logits, labels)`
 (plus the family's `router_aux_loss_coef * aux_loss` for MoE models), to rounding, for the soft and hard gate,
-LoRA on the decoder, and `keep_logits` evaluation. Also what is refused, and with which message.
+LoRA on the decoder, and `keep_logits` evaluation. What is refused: tests/models/test_reader.py.
 """
 
 import copy
@@ -12,80 +12,11 @@ import torch
 
 from eaft_plugins import eaft_loss
 from eaft_plugins.ops.fused import LogitTransform, fused_linear_eaft_loss
-from eaft_plugins.models import describe_model, patch_model_for_fused_eaft, router_aux_coef
+from eaft_plugins.models import patch_model_for_fused_eaft, router_aux_coef
 
-VOCAB = 128
-COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, head_dim=8, max_position_embeddings=64, tie_word_embeddings=False, pad_token_id=0)
-MOE = dict(experts_implementation="eager", output_router_logits=True, router_aux_loss_coef=0.25, num_experts_per_tok=2)
-# family -> (config class, model class, config overrides, the transform the forward applies)
-FAMILIES = {
-    "llama": ("LlamaConfig", "LlamaForCausalLM", {}, ("none", 1.0)),
-    "mistral": ("MistralConfig", "MistralForCausalLM", {}, ("none", 1.0)),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}, ("none", 1.0)),
-    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {}, ("none", 1.0)),
-    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(MOE, num_experts=4, moe_intermediate_size=16),
-                  ("none", 1.0)),
-    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(MOE, num_local_experts=4), ("none", 1.0)),
-    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(final_logit_softcapping=2.0), ("softcap", 2.0)),
-    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(final_logit_softcapping=3.0), ("softcap", 3.0)),
-    "glm4": ("Glm4Config", "Glm4ForCausalLM", {}, ("none", 1.0)),
-    "phi3": ("Phi3Config", "Phi3ForCausalLM", {}, ("none", 1.0)),
-    "cohere": ("CohereConfig", "CohereForCausalLM", dict(logit_scale=0.5), ("scale", 0.5)),
-    "granite": ("GraniteConfig", "GraniteForCausalLM", dict(logits_scaling=4.0), ("divide", 4.0)),
-    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {}, ("none", 1.0)),
-    "gpt2": ("GPT2Config", "GPT2LMHeadModel",  # a tied head; dropout off, as the other families have it
-             dict(n_inner=64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0), ("none", 1.0)),
-    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {}, ("none", 1.0)),  # head named embed_out
-    "granitemoe": ("GraniteMoeConfig", "GraniteMoeForCausalLM", dict(MOE, num_local_experts=4, logits_scaling=2.0),
-                   ("divide", 2.0)),
-}
+from tiny_models import FAMILIES, VOCAB, assert_same, batch, dense_loss, grads, one_thread, tiny  # noqa: F401 (fixture)
+
 GATES = ("soft", "hard")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls: thread start-up costs far more than the work (50x on a loaded 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny(family):
-    import transformers
-
-    config_cls, model_cls, extra, _ = FAMILIES[family]
-    config = getattr(transformers, config_cls)(**{**COMMON, **extra})
-    torch.manual_seed(0)
-    model = getattr(transformers, model_cls)(config).double()
-    with torch.no_grad():  # logits of a few units, so the soft-cap bends and the gates see varied entropies
-        model.get_output_embeddings().weight.normal_(0, 0.6)
-    return model
-
-
-def batch(b=2, t=12, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, VOCAB, (b, t), generator=g)
-    labels = ids.clone()
-    labels[:, :4] = -100  # prompt
-    labels[-1, t - 3:] = -100  # padding
-    mask = torch.ones_like(ids)
-    mask[-1, t - 3:] = 0
-    return ids, mask, labels
-
-
-def grads(model):
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
-def dense_loss(model, ids, mask, labels, options):
-    """EAFT on the unpatched model's own logits, plus the router loss the family's forward adds."""
-    out = model(input_ids=ids, attention_mask=mask)
-    loss = eaft_loss(out.logits, labels, **options).loss
-    if getattr(out, "aux_loss", None) is not None:
-        loss = loss + model.config.router_aux_loss_coef * out.aux_loss
-    return loss
 
 
 def gate_options(gate, model, ids, mask, labels):
@@ -101,13 +32,6 @@ def gate_options(gate, model, ids, mask, labels):
     h = topk_entropy(z, 20) / make_options().entropy_divisor(VOCAB)
     return dict(gate="hard", h_min=float(h.median()) + 1e-12, p_min=1.0)
 
-
-def assert_same(fused_model, dense_model, fused_loss, want):
-    torch.testing.assert_close(fused_loss, want, rtol=1e-10, atol=1e-12)
-    got, ref = grads(fused_model), grads(dense_model)
-    assert got.keys() == ref.keys() and len(got) > 4
-    for name in ref:
-        torch.testing.assert_close(got[name], ref[name], rtol=1e-8, atol=1e-12, msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("gate", GATES)
@@ -214,99 +138,6 @@ def test_bad_transform_is_refused():
         LogitTransform("clip", 1.0)
     with pytest.raises(ValueError, match="'softcap' needs a positive constant, got -1"):
         LogitTransform("softcap", -1.0)
-
-
-# ---- refused, with the reason
-
-
-def _llama_subclass(name, body):
-    """A LlamaForCausalLM whose forward ends with `body` after the head (source written to a module file)."""
-    import importlib.util
-    import pathlib
-    import sys
-    import tempfile
-
-    source = f'''
-import torch
-from transformers import LlamaForCausalLM
-from transformers.modeling_outputs import CausalLMOutputWithPast
-
-
-class {name}(LlamaForCausalLM):
-    def forward(self, input_ids=None, attention_mask=None, labels=None, logits_to_keep=0, **kwargs):
-        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        hidden_states = outputs.last_hidden_state
-        logits = self.lm_head(hidden_states)
-{body}
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size)
-        return CausalLMOutputWithPast(loss=loss, logits=logits)
-'''
-    path = pathlib.Path(tempfile.mkdtemp()) / f"{name.lower()}.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[path.stem] = module  # inspect finds a class's source through its module
-    spec.loader.exec_module(module)
-    return getattr(module, name)
-
-
-@pytest.mark.parametrize("name, body, match", [
-    ("ClampLM", "        logits = logits.clamp(-5, 5)", r"applies something to the logits .*: `logits.clamp\(-5, 5\)`"),
-    ("ZLossLM", "        z_loss = logits.logsumexp(-1).pow(2).mean()", r"a value depends on the logits or labels: `logits.logsumexp"),
-    ("CapThenScaleLM", "        logits = torch.tanh(logits / 2.0) * 2.0\n        logits = logits * 3.0",
-     r"logit transform \[\('div', 2.0\), \('tanh', None\), \('mul', 2.0\), \('mul', 3.0\)\]"),
-])
-def test_unknown_logit_code_is_refused_naming_it(name, body, match):
-    import transformers
-
-    cls = _llama_subclass(name, body)
-    model = cls(transformers.LlamaConfig(**COMMON))
-    with pytest.raises(ValueError, match=match):
-        patch_model_for_fused_eaft(model)
-    assert "forward" not in model.__dict__  # nothing patched
-
-
-def test_a_loss_term_beyond_cross_entropy_is_refused():
-    """Bamba's z-loss: allowed while its coefficient is 0 (the `if` is read for this model), refused otherwise."""
-    import transformers
-
-    cfg = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
-               intermediate_size=64, mamba_n_heads=4, mamba_d_head=16, mamba_n_groups=1, mamba_d_state=8,
-               attn_layer_indices=[0])
-    with torch.device("meta"):
-        plain = transformers.BambaForCausalLM(transformers.BambaConfig(**cfg))
-        zloss = transformers.BambaForCausalLM(transformers.BambaConfig(**cfg, z_loss_coefficient=1e-4))
-    assert describe_model(plain).transform.kind == "none"
-    with pytest.raises(ValueError, match=r"its loss is not only the causal LM loss .*z_loss"):
-        describe_model(zloss)
-
-
-def test_denied_families_are_refused_with_the_reason():
-    import transformers
-
-    bart = transformers.BartForCausalLM(transformers.BartConfig(vocab_size=VOCAB, d_model=16, decoder_layers=1,
-                                                                encoder_layers=1, decoder_attention_heads=2,
-                                                                encoder_attention_heads=2, decoder_ffn_dim=16,
-                                                                encoder_ffn_dim=16))
-    with pytest.raises(ValueError, match="fused EAFT does not support BartForCausalLM: the decoder of an encoder-decoder"):
-        patch_model_for_fused_eaft(bart)
-
-
-def test_the_family_forward_is_read_from_source_not_from_a_later_class_patch(monkeypatch):
-    """Liger-style class patches replace `forward`; the fused path keeps running the family's own code."""
-    import transformers
-
-    model = tiny("gemma2")
-    ids, mask, labels = batch()
-    with torch.no_grad():
-        want = dense_loss(model, ids, mask, labels, {})
-    monkeypatch.setattr(transformers.Gemma2ForCausalLM, "forward", lambda self, *a, **k: 1 / 0)
-    patch_model_for_fused_eaft(model)
-    with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=mask, labels=labels)
-    torch.testing.assert_close(out.loss, want, rtol=1e-10, atol=1e-12)
 
 
 def test_dense_path_adds_the_router_loss_the_trainer_would_drop():
