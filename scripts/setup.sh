@@ -30,7 +30,13 @@ case "$ENV_NAME" in
                    deepspeed==0.16.9)
          AFTER=(megatron-core==0.16.1) ;;  # resolved after llamafactory, as it always was
   swift) VENV=${EAFT_SWIFT_VENV:-.venv-swift}
-         PACKAGES=(-e ".[test]" ms-swift==4.6.0 "datasets>=4.1,<4.8.5") ;;
+         PACKAGES=(-e ".[test]" ms-swift==4.6.0 "datasets>=4.1,<4.8.5")
+         # EvalScope's answer extraction for tests/test_recipes_reproduction.py (a release inside
+         # recipes/eval/requirements.txt): without its service dependencies (litellm, ...), only the
+         # modules its adapters and OpenAI-response code import.
+         AFTER=(--no-deps evalscope==1.7.0 colorlog==6.12.0 overrides==7.7.0 docstring_parser==0.18.0
+                jsonlines==4.0.0 editdistance==0.8.1 sacrebleu==2.6.0 portalocker==4.4.2 tabulate==0.10.0
+                colorama==0.4.6 lxml==6.2.1) ;;
   trl)   VENV=${EAFT_TRL_VENV:-.venv-trl}
          PACKAGES=(-e ".[test,smollm2]" trl==1.16.0 transformers==5.24.0 peft==0.18.1
                    "datasets>=4.7,<5") ;;

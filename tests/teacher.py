@@ -1,4 +1,5 @@
-"""A local stand-in for an OpenAI-compatible chat endpoint (the recipes' teacher), for tests."""
+"""Local stand-ins for the servers the recipes talk to, for tests: an OpenAI-compatible chat endpoint
+(the math teacher, the evaluated model) and a static file (a pinned download)."""
 
 import contextlib
 import http.server
@@ -8,7 +9,8 @@ import threading
 
 @contextlib.contextmanager
 def serve(reply):
-    """Yield the base URL of a local endpoint; `reply(prompt)` gives the answer text, or None for an HTTP 500."""
+    """Yield the base URL of a local endpoint; `reply(prompt)` gives the answer text, the whole assistant
+    message (a dict, e.g. with `reasoning_content`), or None for an HTTP 500."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_POST(self):
@@ -19,7 +21,7 @@ def serve(reply):
                 self.send_response(500)
                 self.end_headers()
                 return
-            message = {"role": "assistant", "content": text}
+            message = text if isinstance(text, dict) else {"role": "assistant", "content": text}
             payload = json.dumps({"choices": [{"message": message, "finish_reason": "stop"}]})
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
@@ -29,11 +31,34 @@ def serve(reply):
         def log_message(self, *a):
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    with _running(Handler) as port:
+        yield f"http://127.0.0.1:{port}/v1"
+
+
+@contextlib.contextmanager
+def static(data: bytes):
+    """Yield a URL that serves `data`."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *a):
+            pass
+
+    with _running(Handler) as port:
+        yield f"http://127.0.0.1:{port}/file.json"
+
+
+@contextlib.contextmanager
+def _running(handler):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+        yield server.server_address[1]
     finally:
         server.shutdown()
         thread.join(timeout=10)

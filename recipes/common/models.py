@@ -2,12 +2,14 @@
 
 One table for every recipe: generate.py writes the LLaMA-Factory template from it, the launchers
 pass the ms-swift template from it (and the LLaMA-Factory one when the model is overridden), and
-run_eval.sh decides from it whether a model thinks (answers after `</think>`). A model outside the
-table is refused with a clear error rather than trained in another family's template.
+run_eval.sh decides from it whether a model thinks (served with a reasoning parser, scored on its
+answer only). A model outside the table is refused with a clear error rather than trained in another
+family's template.
 
-  python recipes/common/models.py MODEL {llamafactory|swift|thinking|layers} [FALLBACK_MODEL]
-prints the field for MODEL (or, when MODEL is a local checkpoint whose name matches no family, for
+  python recipes/common/models.py MODEL {llamafactory|swift|thinking|layers|tag} [FALLBACK_MODEL]
+prints the field for MODEL (or, when MODEL is a local checkpoint whose path names no family, for
 FALLBACK_MODEL: the model it was trained from). Exit 2 with a message when neither is known.
+`tag` prints the name the output folders use.
 """
 
 from __future__ import annotations
@@ -29,18 +31,25 @@ FAMILIES = (
 )
 # num_hidden_layers of the README's models (their config.json), for Megatron pipeline splits.
 LAYERS = {"qwen3-4b-instruct-2507": 36, "qwen3-4b-thinking-2507": 36, "glm-4-9b-0414": 40, "glm-4-32b-0414": 61}
-FIELDS = ("llamafactory", "swift", "thinking", "layers")
+FIELDS = ("llamafactory", "swift", "thinking", "layers", "tag")
 
 
 def _name(model: str) -> str:
     return model.rstrip("/").split("/")[-1].lower()
 
 
+def tag(model: str) -> str:
+    """The model's name as the recipes' output folders use it (saves/<framework>/<domain>/<tag>/<method>)."""
+    return model.rstrip("/").split("/")[-1]
+
+
 def family(model: str) -> Optional[dict]:
-    """{'llamafactory', 'swift', 'thinking'} of the model's family, or None when unknown."""
-    for pattern, lf, swift, thinking in FAMILIES:
-        if re.fullmatch(pattern, _name(model)):
-            return {"llamafactory": lf, "swift": swift, "thinking": thinking}
+    """{'llamafactory', 'swift', 'thinking'} of the model's family, or None when unknown. The last path
+    component that names a family counts: a Hub id, or a recipe checkpoint saves/.../<model>/<method>[/checkpoint-N]."""
+    for part in reversed(model.rstrip("/").split("/")):
+        for pattern, lf, swift, thinking in FAMILIES:
+            if re.fullmatch(pattern, part.lower()):
+                return {"llamafactory": lf, "swift": swift, "thinking": thinking}
     return None
 
 
@@ -56,6 +65,8 @@ def lookup(model: str, field: str, fallback: Optional[str] = None):
     """One field for MODEL, or for FALLBACK when MODEL matches no family (a local checkpoint)."""
     if field == "layers":
         return layers(model)
+    if field == "tag":
+        return tag(model)
     for m in (model, fallback):
         if m and family(m) is not None:
             return family(m)[field]

@@ -1,13 +1,14 @@
 """`evalscope eval` with two checks the recipes need (run_eval.sh calls this instead of `evalscope`):
 
 * the installed EvalScope / bfcl-eval are within the pins of recipes/eval/requirements.txt;
-* --thinking: every dataset's predictions are cut to the answer after `</think>` before scoring.
-  A Thinking-2507 chat template opens `<think>` in the prompt, so the output has no opening tag and
-  EvalScope's own `<think>...</think>` stripping does not fire: PubMedQA would find yes/no/maybe
-  anywhere in the reasoning and IFEval would check the reasoning's format. The server returns raw
-  text (no vLLM reasoning parser), so this filter is the one place the rule lives.
+* --thinking: the server keeps a thinking model's reasoning apart from its answer. EvalScope scores
+  `output.completion`, the message's text without its `reasoning_content`; its multiple-choice
+  adapters (MedMCQA, MedQA, MMLU, CLUEWSC) read that completion directly, never the filtered text, so
+  the separation must happen at the server: run_eval.sh serves thinking models with vLLM's
+  `--reasoning-parser deepseek_r1` (everything before the first `</think>` is reasoning, with or
+  without an opening tag; no `</think>` = no answer). One short request checks it before the run.
 
-  python recipes/eval/evalscope_run.py [--thinking] eval --model ... --datasets ... [--dataset-args JSON]
+  python recipes/eval/evalscope_run.py [--thinking] eval --model ... --api-url ... --datasets ... [--dataset-args JSON]
 """
 
 from __future__ import annotations
@@ -20,24 +21,6 @@ from pathlib import Path
 from typing import Dict, List
 
 REQUIREMENTS = Path(__file__).with_name("requirements.txt")
-THINK_END = "</think>"
-FILTER_NAME = "eaft_answer_after_think"
-
-
-def answer_after_think(text: str) -> str:
-    """The answer after the (first) `</think>`, with or without an opening tag. No `</think>` means the
-    reasoning never finished: there is no answer (as vLLM's deepseek_r1 parser leaves no content)."""
-    _, end, answer = (text or "").partition(THINK_END)
-    return answer.strip() if end else ""
-
-
-def with_think_filter(dataset_args: Dict, datasets: List[str]) -> Dict:
-    """dataset_args with the answer filter first in every dataset's filters."""
-    out = json.loads(json.dumps(dataset_args))
-    for ds in datasets:
-        args = out.setdefault(ds, {})
-        args["filters"] = {FILTER_NAME: None, **(args.get("filters") or {})}
-    return out
 
 
 def pins() -> Dict[str, str]:
@@ -78,31 +61,23 @@ def _option(args: List[str], flag: str) -> List[str]:
     return vals
 
 
-def evalscope_argv(args: List[str], thinking: bool) -> List[str]:
-    """The evalscope arguments, with the answer filter added to --dataset-args for a thinking model."""
-    if not thinking:
-        return list(args)
-    datasets = _option(args, "--datasets")
-    given = _option(args, "--dataset-args")
-    dataset_args = with_think_filter(json.loads(given[0]) if given else {}, datasets)
-    out = list(args)
-    if given:
-        i = out.index("--dataset-args")
-        del out[i:i + 2]
-    return out + ["--dataset-args", json.dumps(dataset_args, ensure_ascii=False)]
+REASONING_FIELDS = ("reasoning_content", "reasoning")  # vLLM's name, before and after v0.11
 
 
-def register_filter() -> None:
-    from evalscope.api.filter import Filter
-    from evalscope.api.registry import FILTER_REGISTRY, register_filter as register
+def check_reasoning_separated(api_url: str, model: str, api_key: str = "EMPTY", timeout: float = 600) -> None:
+    """SystemExit unless the server returns a thinking model's reasoning in its own field: without
+    that, EvalScope would score the reasoning chain (an early "ANSWER: A" beats the final "ANSWER: B")."""
+    import urllib.request
 
-    if FILTER_NAME in FILTER_REGISTRY:
-        return
-
-    @register(FILTER_NAME)
-    class AnswerAfterThink(Filter):
-        def apply(self, instance):
-            return [answer_after_think(r) for r in instance]
+    body = {"model": model, "messages": [{"role": "user", "content": "What is 1 + 1?"}], "max_tokens": 16}
+    req = urllib.request.Request(api_url.rstrip("/") + "/chat/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {api_key}"})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        message = json.loads(resp.read())["choices"][0]["message"]
+    if not any(message.get(f) for f in REASONING_FIELDS):
+        raise SystemExit(f"{api_url} returned the thinking model's reasoning inside the answer (no "
+                         f"{' / '.join(REASONING_FIELDS)} field): serve it with `vllm serve ... --reasoning-parser "
+                         "deepseek_r1` (recipes/eval/run_eval.sh does), or EvalScope scores the reasoning")
 
 
 def main(argv=None) -> int:
@@ -113,10 +88,12 @@ def main(argv=None) -> int:
         print(__doc__, file=sys.stderr)
         return 2
     check_versions(_option(args, "--datasets"))
-    register_filter()
+    if thinking:
+        check_reasoning_separated(_option(args, "--api-url")[0], _option(args, "--model")[0],
+                                  (_option(args, "--api-key") or ["EMPTY"])[0])
     from evalscope.cli.cli import run_cmd
 
-    sys.argv = ["evalscope", *evalscope_argv(args, thinking)]
+    sys.argv = ["evalscope", *args]
     run_cmd()
     return 0
 

@@ -4,19 +4,23 @@
 # against a vLLM OpenAI-compatible server started here.
 #   bash recipes/eval/run_eval.sh DOMAIN RUN_NAME MODEL_PATH [--dry-run]
 #   e.g. bash recipes/eval/run_eval.sh math base Qwen/Qwen3-4B-Instruct-2507
-#        bash recipes/eval/run_eval.sh math eaft saves/llamafactory/math/eaft              # LLaMA-Factory: final model
-#        bash recipes/eval/run_eval.sh math eaft saves/swift/math/eaft/checkpoint-N       # ms-swift: one checkpoint-N
-#        bash recipes/eval/run_eval.sh math eaft saves/megatron/math/eaft/checkpoint-N    # Megatron (safetensors)
+#        bash recipes/eval/run_eval.sh math eaft saves/llamafactory/math/Qwen3-4B-Instruct-2507/eaft   # the final model
+#        bash recipes/eval/run_eval.sh math eaft saves/swift/math/Qwen3-4B-Instruct-2507/eaft/checkpoint-N
+# A training output folder without weights of its own (ms-swift, Megatron) is evaluated at its last
+# checkpoint-N.
 # Results: results/DOMAIN/RUN_NAME/<timestamp>/reports/RUN_NAME/<dataset>.json (EvalScope's layout);
 # then: python recipes/eval/collect.py --domain DOMAIN results/DOMAIN
 # Needs: pip install -r recipes/eval/requirements.txt   (pinned EvalScope range, bfcl-eval, vllm)
 #        python recipes/eval/prepare_custom.py   (MedQA and CLUEWSC files for EvalScope's general_mcq)
-# Thinking models (recipes/common/models.py, from MODEL_PATH's name or else BASE_MODEL, default the
-# domain's hparams.yaml model) are scored on the answer after </think> (recipes/eval/evalscope_run.py).
+# Thinking models (recipes/common/models.py, from MODEL_PATH or else BASE_MODEL, default the domain's
+# hparams.yaml model) are served with vLLM's reasoning parser, so every benchmark scores the answer
+# without the reasoning (EvalScope's multiple-choice adapters read the answer text, never a filtered one);
+# recipes/eval/evalscope_run.py --thinking checks the server does it.
 # Env: TP (vLLM tensor parallel, default 1), PORT (8801), EVAL_BATCH (64), LIMIT (samples per subset, unset = all),
 #      AIME_REPEATS (samples per AIME problem, averaged; default 8), BASE_MODEL, PYTHON (python)
 set -euo pipefail
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+source "$REPO_ROOT/recipes/common/serve_lib.sh"
 DOMAIN=${1:?usage: $0 DOMAIN RUN_NAME MODEL_PATH [--dry-run]}
 RUN_NAME=${2:?usage: $0 DOMAIN RUN_NAME MODEL_PATH [--dry-run]}
 MODEL_PATH=${3:?usage: $0 DOMAIN RUN_NAME MODEL_PATH [--dry-run]}
@@ -57,7 +61,23 @@ if ! [[ "$AIME_REPEATS" =~ ^[1-9][0-9]*$ ]]; then echo "AIME_REPEATS must be a p
 BASE_MODEL=${BASE_MODEL:-$(sed -n 's/^MODEL=//p' "$REPO_ROOT/recipes/$DOMAIN/hparams.sh")}
 THINKING=$(python3 "$REPO_ROOT/recipes/common/models.py" "$MODEL_PATH" thinking "$BASE_MODEL")
 RUNNER=("$PYTHON" recipes/eval/evalscope_run.py)
-if [ "$THINKING" = true ]; then RUNNER+=(--thinking); fi
+if [ "$THINKING" = true ]; then
+  # deepseek_r1 splits at the first </think> with or without an opening <think> (the Thinking-2507
+  # template opens it in the prompt) in every vLLM release; no </think> leaves no answer.
+  SERVE_EXTRA+=(--reasoning-parser deepseek_r1)
+  RUNNER+=(--thinking)
+fi
+
+# A training output folder without weights of its own (ms-swift, Megatron): its last checkpoint-N
+# (paths are relative to the repository root, where the commands run).
+last_checkpoint() {
+  cd "$REPO_ROOT"
+  if [ -d "$1" ] && [ ! -f "$1/config.json" ]; then
+    find "$1" -maxdepth 1 -type d -name 'checkpoint-*' | sort -V | tail -n 1
+  fi
+}
+LAST=$(last_checkpoint "$MODEL_PATH")
+if [ -n "$LAST" ]; then MODEL_PATH=$LAST; fi
 
 SERVE=(vllm serve "$MODEL_PATH" --served-model-name "$RUN_NAME" --port "$PORT"
   --tensor-parallel-size "$TP" --max-model-len "$MAX_LEN" "${SERVE_EXTRA[@]}")
@@ -66,7 +86,9 @@ EVAL=("${RUNNER[@]}" eval --model "$RUN_NAME" --api-url "http://127.0.0.1:$PORT/
   --generation-config "$GEN")
 if [ -n "${LIMIT:-}" ]; then EVAL+=(--limit "$LIMIT"); fi
 
-DATASET_ARGS='{"bfcl_v3": {"extra_params": {"is_fc_model": true, "underscore_to_dot": true}}}'
+# MMLU 5-shot and GSM8K 4-shot are EvalScope's defaults, written out so an EvalScope release cannot
+# change them; the paper does not state its shots and its scores cannot tell (docs/evaluation.md).
+DATASET_ARGS='{"bfcl_v3": {"extra_params": {"is_fc_model": true, "underscore_to_dot": true}}, "mmlu": {"few_shot_num": 5}, "gsm8k": {"few_shot_num": 4}}'
 MEDQA_ARGS=$(printf '{"general_mcq": {"local_path": "%s", "subset_list": ["medqa"], "prompt_template": "Answer the following multiple choice question. The last line of your response should be of the form \\"ANSWER: [LETTER]\\" (without quotes) where [LETTER] is one of {letters}.\\n\\n{question}\\n\\n{choices}"}}' "$CUSTOM_DIR")
 CLUEWSC_ARGS=$(printf '{"general_mcq": {"local_path": "%s", "subset_list": ["cluewsc"]}}' "$CUSTOM_DIR")
 
@@ -89,12 +111,5 @@ for r in "${RUNS[@]}"; do echo "+ $r"; done
 [ "$DRY_RUN" = 1 ] && exit 0
 
 cd "$REPO_ROOT"
-"${SERVE[@]}" &
-SERVER_PID=$!
-trap 'kill $SERVER_PID 2>/dev/null || true' EXIT
-for _ in $(seq 1 360); do
-  curl -sf "http://127.0.0.1:$PORT/v1/models" >/dev/null && break
-  kill -0 "$SERVER_PID" 2>/dev/null || { echo "vllm serve exited" >&2; exit 1; }
-  sleep 5
-done
+serve_until_ready "$PORT" "${SERVE[@]}"
 for r in "${RUNS[@]}"; do eval "$r"; done
