@@ -102,7 +102,7 @@ def llamafactory_config(hp: dict, method: str) -> dict:
         "preprocessing_num_workers": 16,
         "dataloader_num_workers": 4,
         # output
-        "output_dir": f"saves/llamafactory/{d}/{method}",
+        "output_dir": f"saves/llamafactory/{d}/{models.tag(hp['model'])}/{method}",  # runs of two models never share one
         "logging_steps": 10,
         "save_strategy": "epoch",
         "save_only_model": True,

@@ -11,8 +11,9 @@ LLaMA-Factory reads the Hub dataset directly (recipes/agent/data/dataset_info.js
 its own roles, so this script converts each conversation:
   human -> user, gpt -> assistant, function_call -> tool_call, observation -> tool_response,
   tools (JSON string) -> tools
-Outputs are named after their source: the Hub set -> glaive_toolcall_en.{json,jsonl} (what the
-recipes train on); --input PATH -> PATH's stem (the demo file -> glaive_toolcall_en_demo.*).
+Outputs are named after their source and limit: the Hub set -> glaive_toolcall_en.{json,jsonl} (what
+the recipes train on); --input PATH -> PATH's stem (the demo file -> glaive_toolcall_en_demo.*);
+--limit N adds _first<N> (a part of the set never takes the training name).
   python recipes/agent/prepare_data.py                               # Hub -> recipes/agent/data/generated/
   python recipes/agent/prepare_data.py --input ../shared/data/toolcall/glaive_toolcall_en_demo.json
 """
@@ -55,8 +56,9 @@ def load(input_path: "Path | None") -> List[dict]:
     return list(load_dataset(hub_id, split=split))
 
 
-def output_name(input_path: "Path | None") -> str:
-    return NAME if input_path is None else Path(input_path).stem
+def output_name(input_path: "Path | None", limit: "int | None" = None) -> str:
+    name = NAME if input_path is None else Path(input_path).stem
+    return name if limit is None else f"{name}_first{limit}"
 
 
 def write_outputs(rows: List[dict], out_dir: Path, name: str) -> Dict[str, Path]:
@@ -75,10 +77,10 @@ def main(argv=None) -> int:
     ap.add_argument("--input", type=Path, default=None, help="local LLaMA-Factory sharegpt tool JSON (default: the Hub set)")
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--out-dir", type=Path, default=Path("recipes/agent/data/generated"))
-    ap.add_argument("--name", default=None, help="output file name (default: after the source)")
+    ap.add_argument("--name", default=None, help="output file name (default: after the source and limit)")
     args = ap.parse_args(argv)
     rows = load(args.input)[: args.limit]
-    paths = write_outputs(rows, args.out_dir, args.name or output_name(args.input))
+    paths = write_outputs(rows, args.out_dir, args.name or output_name(args.input, args.limit))
     print(f"{len(rows)} conversations -> {paths['llamafactory']} , {paths['swift']}")
     return 0
 

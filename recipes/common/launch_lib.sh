@@ -46,11 +46,12 @@ parse_launch_args() {
 
   NNODES=${NNODES:-1}
   NODE_RANK=${NODE_RANK:-0}
-  # Several nodes need node 0's address: the loopback default would leave every other node
+  # Several nodes need node 0's address: a loopback or a wildcard address (0.0.0.0 / :: mean "any
+  # interface" to a listener, not a host another node can connect to) would leave every other node
   # waiting for a rendezvous that never comes.
   if [ "$NNODES" -gt 1 ]; then
     case "${MASTER_ADDR:-}" in
-      ""|127.*|localhost|::1)
+      ""|127.*|localhost|::1|0.*|::|"[::]"|"[::1]")
         echo "NNODES=$NNODES needs MASTER_ADDR=<address of node 0 that the other nodes can reach> (got '${MASTER_ADDR:-}')" >&2
         exit 2 ;;
     esac
@@ -96,6 +97,12 @@ extra_value() {
     esac
   done
   echo "$value"
+}
+
+# output_dir FRAMEWORK MODEL: where a run writes, named after the model so that runs of two models
+# never share a folder (saves/<framework>/<domain>/<model>/<method>).
+output_dir() {
+  echo "saves/$1/$DOMAIN/$(model_field "$2" tag)/$METHOD"
 }
 
 # model_field MODEL FIELD: recipes/common/models.py (template per framework, thinking, layers);

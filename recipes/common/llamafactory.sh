@@ -11,16 +11,19 @@ shift
 parse_launch_args "$DOMAIN" "$@"
 
 GA=$(data_parallel_grad_accum "$WORLD_SIZE")
-# The YAML's template belongs to its model: another model (-- model_name_or_path=X) gets its own.
-TEMPLATE_ARGS=()
+# The YAML's template and output folder belong to its model: another model (-- model_name_or_path=X)
+# gets its own (unless given: -- template=T / output_dir=D).
+MODEL_ARGS=()
 LF_MODEL=$(extra_value model_name_or_path)
 if [ -n "$LF_MODEL" ] && [ -z "$(extra_value template)" ]; then
-  LF_TEMPLATE=$(model_field "$LF_MODEL" llamafactory)
-  TEMPLATE_ARGS=("template=$LF_TEMPLATE")
+  MODEL_ARGS+=("template=$(model_field "$LF_MODEL" llamafactory)")
+fi
+if [ -n "$LF_MODEL" ] && [ -z "$(extra_value output_dir)" ]; then
+  MODEL_ARGS+=("output_dir=$(output_dir llamafactory "$LF_MODEL")")
 fi
 run_launch FORCE_TORCHRUN=1 NNODES="$NNODES" NODE_RANK="$NODE_RANK" MASTER_ADDR="$MASTER_ADDR" \
   MASTER_PORT="$MASTER_PORT" NPROC_PER_NODE="$NPROC_PER_NODE" -- \
   llamafactory-cli train "recipes/$DOMAIN/llamafactory/$METHOD.yaml" \
   "gradient_accumulation_steps=$GA" \
-  "${TEMPLATE_ARGS[@]}" \
+  "${MODEL_ARGS[@]}" \
   "${EXTRA_ARGS[@]}"

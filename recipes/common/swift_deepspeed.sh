@@ -13,7 +13,8 @@ parse_launch_args "$DOMAIN" "$@"
 ZERO_CONFIG=${ZERO_OVERRIDE:-$ZERO_CONFIG}
 
 GA=$(data_parallel_grad_accum "$WORLD_SIZE")
-# The template follows the model (-- --model X included); an explicit -- --template T wins.
+# The template and the output folder follow the model (-- --model X included); an explicit
+# -- --template T / --output_dir D wins.
 MODEL_USED=$(extra_value --model)
 MODEL_USED=${MODEL_USED:-$MODEL}
 TEMPLATE=$(extra_value --template)
@@ -51,6 +52,6 @@ run_launch NNODES="$NNODES" NODE_RANK="$NODE_RANK" MASTER_ADDR="$MASTER_ADDR" \
   --dataloader_num_workers 4 \
   --seed "$SEED" \
   --add_version false \
-  --output_dir "saves/swift/$DOMAIN/$METHOD" \
+  --output_dir "$(output_dir swift "$MODEL_USED")" \
   "${LOSS_ARGS[@]}" \
   "${EXTRA_ARGS[@]}"

@@ -22,7 +22,8 @@ data_parallel_grad_accum "$DP" >/dev/null  # fail early when the global batch do
 SEQUENCE_PARALLEL=false
 if [ "$TP" -gt 1 ]; then SEQUENCE_PARALLEL=true; fi
 
-# The template follows the model (-- --model X included); an explicit -- --template T wins.
+# The template and the output folder follow the model (-- --model X included); an explicit
+# -- --template T / --output_dir D wins.
 MODEL_USED=$(extra_value --model)
 MODEL_USED=${MODEL_USED:-$MODEL}
 TEMPLATE=$(extra_value --template)
@@ -77,6 +78,6 @@ run_launch NNODES="$NNODES" NODE_RANK="$NODE_RANK" MASTER_ADDR="$MASTER_ADDR" \
   --dataloader_num_workers 4 \
   --seed "$SEED" \
   --add_version false \
-  --output_dir "saves/megatron/$DOMAIN/$METHOD" \
+  --output_dir "$(output_dir megatron "$MODEL_USED")" \
   "${LOSS_ARGS[@]}" \
   "${EXTRA_ARGS[@]}"

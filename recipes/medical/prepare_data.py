@@ -7,13 +7,16 @@ trained on (answers without a <think> block would teach it to skip reasoning). N
 own registration of it keeps the reasoning column, so this script joins it:
     output = "<think>\\n{Complex_CoT}\\n</think>\\n\\n{Response}"
 
-Sources (outputs are named after their source, so an evaluation set never lands in the training file):
-  medical-o1 (default)     the Hub dataset (config en, split train), or --input PATH to a local file shaped
-                           like it (the Hub's JSON list of {Question, Complex_CoT, Response})
-                           -> medical_o1_reasoning_en.{json,jsonl}, the file the recipes train on
+Sources (outputs are named after their source and limit, so neither an evaluation set nor a part of
+the set lands in the training file):
+  medical-o1 (default)     the Hub dataset (config en, split train) -> medical_o1_reasoning_en.{json,jsonl},
+                           the file the recipes train on; or --input PATH to a local file shaped like it
+                           (the Hub's JSON list of {Question, Complex_CoT, Response}) -> PATH's stem
+                           (a full local copy of the Hub file: add --name medical_o1_reasoning_en)
   pubmedqa, medqa          local PubMedQA (ori_pqal.json) / MedQA (4-option JSONL) files. These are
                            the paper's *evaluation* sets: smoke tests only -> pubmedqa_eval_smoke.*,
                            medqa_eval_smoke.* (never the training name)
+  --limit N                keeps the first N rows and adds _first<N> to the name
   python recipes/medical/prepare_data.py                          # -> recipes/medical/data/generated/
   python recipes/medical/prepare_data.py --source pubmedqa --input ../shared/data/medical/pubmedqa_ori_pqal.json
 """
@@ -89,10 +92,15 @@ def load(source: str, input_path: "Path | None") -> List[Dict[str, str]]:
     raise ValueError(f"--source must be one of ['medical-o1', 'pubmedqa', 'medqa'], got {source!r}")
 
 
-def output_name(source: str, name: "str | None" = None) -> str:
-    """The source's own name; an evaluation source may not take the training name."""
-    if name is None:
-        return OUTPUT_NAMES[source]
+def output_name(source: str, input_path: "Path | None" = None, limit: "int | None" = None) -> str:
+    """Named after what was read: the Hub set, a local file (its stem) or an evaluation source, and
+    the row limit; only the whole Hub set gets the training name."""
+    name = Path(input_path).stem if source == "medical-o1" and input_path is not None else OUTPUT_NAMES[source]
+    return name if limit is None else f"{name}_first{limit}"
+
+
+def check_name(source: str, name: str) -> str:
+    """An explicit --name; an evaluation source may not take the training name."""
     if source != "medical-o1" and name == NAME:
         raise ValueError(f"--source {source} is an evaluation set: it cannot be written as the training file {NAME!r}")
     return name
@@ -116,10 +124,10 @@ def main(argv=None) -> int:
     ap.add_argument("--input", type=Path, default=None)
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--out-dir", type=Path, default=Path("recipes/medical/data/generated"))
-    ap.add_argument("--name", default=None, help=f"output file name (default: after the source, {OUTPUT_NAMES})")
+    ap.add_argument("--name", default=None, help=f"output file name (default: after the source and limit, {OUTPUT_NAMES})")
     args = ap.parse_args(argv)
     try:
-        name = output_name(args.source, args.name)
+        name = output_name(args.source, args.input, args.limit) if args.name is None else check_name(args.source, args.name)
     except ValueError as exc:
         ap.error(str(exc))
     rows = load(args.source, args.input)[: args.limit]
