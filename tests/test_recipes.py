@@ -157,7 +157,8 @@ def test_dry_run_multi_node_and_overrides():
     envs, argv = dry_run("math", "llamafactory", "eaft", "--", "model_name_or_path=/m", "template=chatml", NNODES="2",
                          NODE_RANK="1", MASTER_ADDR="10.0.0.1", MASTER_PORT="6000")
     assert envs["NNODES"] == "2" and envs["NODE_RANK"] == "1" and envs["MASTER_ADDR"] == "10.0.0.1"
-    assert argv[-3:] == ["gradient_accumulation_steps=4", "model_name_or_path=/m", "template=chatml"]  # 64 / (1 x 16 GPUs)
+    assert argv[-4:] == ["gradient_accumulation_steps=4", "output_dir=saves/llamafactory/math/m/eaft",  # 64 / (1 x 16 GPUs)
+                         "model_name_or_path=/m", "template=chatml"]  # another model writes to its own folder
 
     envs, argv = dry_run("math", "swift_deepspeed", "eaft", "--", "--model", "/m", "--template", "chatml", NNODES="4",
                          MASTER_ADDR="10.0.0.1")
@@ -329,15 +330,15 @@ def test_megatron_flags_are_megatron_sft_arguments_fields():
         pytest.skip(f"SKIPPED: ms-swift's Megatron arguments not found at {path}")
     fields = _dataclass_fields("MegatronSftArguments")
     assert {"loss_type", "tensor_model_parallel_size", "global_batch_size", "enable_dft_loss", "model"} <= set(fields)
-    from eaft_plugins.integrations.swift import args as swift_args  # the plugin that adds --eaft_* to MegatronSftArguments
+    from eaft_plugins.options import KEYS  # the --eaft_* keys the swift plugin adds to MegatronSftArguments
 
-    plugin_flags = set(swift_args.FLAGS)
+    plugin_flags = set(KEYS)
     for d in DOMAINS:
         for m in METHODS:
             _, argv = dry_run(d, "swift_megatron", m)
             for flag, value in flag_dict(argv[2:]).items():
                 if flag.startswith("eaft_"):
-                    assert flag in plugin_flags, f"--{flag}: not a flag of eaft_plugins.integrations.swift.args"
+                    assert flag in plugin_flags, f"--{flag}: not an EAFT key (eaft_plugins.options.KEYS)"
                     continue
                 assert flag in fields, f"megatron sft has no --{flag}"
                 choices = _literal_choices(fields[flag])
@@ -482,7 +483,8 @@ def test_collect_builds_the_paper_table(tmp_path):
     for run, s in scores.items():
         _write_run(tmp_path, run, "20260101_000000", [
             _report("aime24", 0.0), _report("aime25", s[1]), _report("gsm8k", s[2]), _report("mmlu", s[3]),
-            _report("ifeval", s[4], metric="prompt_level_strict", extra_metrics=[("inst_level_strict", s[4] + 0.05)]),
+            # collect.py reads IFEval's inst_level_strict, not the report's first metric
+            _report("ifeval", s[4] - 0.05, metric="prompt_level_strict", extra_metrics=[("inst_level_strict", s[4])]),
             _report("general_mcq", s[5], subsets={"cluewsc": s[5]})])
         _write_run(tmp_path, run, "20260102_000000", [_report("aime24", s[0])])  # a later re-run wins
     (tmp_path / "notes").mkdir()  # folders without reports are ignored
@@ -506,10 +508,10 @@ def test_collect_builds_the_paper_table(tmp_path):
     assert "| sft | 63.3 | 50.0 | 94.8 | 69.4 (+1.0) | 76.5 | 79.5 | 74.5 | 76.8 (-4.3) |" in md
 
     # another metric on request; a missing benchmark leaves its average empty, never a partial mean
-    assert collect.main([str(tmp_path), "--domain", "math", "--metric", "ifeval=inst_level_strict",
+    assert collect.main([str(tmp_path), "--domain", "math", "--metric", "ifeval=prompt_level_strict",
                          "--out-csv", str(tmp_path / "t2.csv"), "--out-md", str(tmp_path / "t2.md")]) == 0
     r2 = {r["method"]: r for r in csv.DictReader((tmp_path / "t2.csv").open())}
-    assert math.isclose(float(r2["base"]["IFEval"]), 100 * (0.810 + 0.05), abs_tol=1e-3)
+    assert math.isclose(float(r2["base"]["IFEval"]), 100 * (0.810 - 0.05), abs_tol=1e-3)
     assert collect.main([str(tmp_path), "--domain", "medical", "--out-csv", str(tmp_path / "m.csv"),
                          "--out-md", str(tmp_path / "m.md")]) == 0
     rm = list(csv.DictReader((tmp_path / "m.csv").open()))

@@ -1,14 +1,22 @@
-"""Issue #12 ("a reproduction you can trust"): thinking answers, Hub sources offline, evaluation pins,
-AIME repeats, output names, multi-node address, template per model, truncation and teacher retries."""
+"""Issues #12 ("a reproduction you can trust") and #23 ("reproduce the paper row by row"): thinking
+answers scored by EvalScope's own adapters, Hub sources offline, evaluation pins, the splits and metrics
+the paper's numbers allow, AIME repeats, one command per row, output names, multi-node address, output
+folders and template per model, truncation and teacher retries."""
 
 from __future__ import annotations
 
+import collections
+import csv
+import hashlib
 import importlib.util
+import itertools
 import json
 import os
 import re
 import shlex
 import subprocess
+from decimal import ROUND_HALF_DOWN, ROUND_HALF_UP, Decimal
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
@@ -33,7 +41,10 @@ build_data = _load("repro_build_data", RECIPES / "math" / "build_data.py")
 medical_data = _load("repro_medical", RECIPES / "medical" / "prepare_data.py")
 agent_data = _load("repro_agent", RECIPES / "agent" / "prepare_data.py")
 collect = _load("repro_collect", RECIPES / "eval" / "collect.py")
+custom = _load("repro_custom", RECIPES / "eval" / "prepare_custom.py")
+attainable = _load("repro_attainable", RECIPES / "eval" / "attainable.py")
 generate = _load("repro_generate", RECIPES / "generate.py")
+SWIFT_VENV = Path(os.environ.get("EAFT_SWIFT_VENV", ROOT / ".venv-swift"))
 
 
 def _env(**extra):
@@ -59,52 +70,148 @@ def _flags(argv):
 
 # ----------------------------------------------------------------------------- 7: thinking answers
 
-def test_answer_after_think_on_canned_responses():
-    # Thinking-2507: the template opened <think> in the prompt, so the output has no opening tag
-    assert runner.answer_after_think("The study shows yes, but no...\n</think>\n\nmaybe") == "maybe"
-    assert runner.answer_after_think("<think>\nyes? no?\n</think>\n\nAnswer: no") == "Answer: no"
-    assert runner.answer_after_think("reasoning that says yes and never ends") == ""  # no answer at all
-    assert runner.answer_after_think("") == ""
+THINKING_CASES = [  # (domain, model path, env) -> thinking
+    ("medical", "Qwen/Qwen3-4B-Thinking-2507", {}, True),
+    ("medical", "saves/llamafactory/medical/eaft", {}, True),  # no model in the path: its base (hparams.yaml)
+    ("medical", "saves/llamafactory/medical/GLM-4-9B-0414/eaft", {}, False),  # the model its folder names
+    ("medical", "saves/swift/medical/eaft/checkpoint-100", {"BASE_MODEL": "zai-org/GLM-4-9B-0414"}, False),
+    ("medical", "zai-org/GLM-Z1-9B-0414", {}, True),
+    ("math", "saves/llamafactory/math/eaft", {}, False),
+    ("agent", "Qwen/Qwen3-4B-Instruct-2507", {}, False),
+]
 
 
-def test_think_filter_goes_into_every_dataset():
-    args = ["eval", "--model", "m", "--datasets", "pubmedqa", "ifeval", "--dataset-args",
-            json.dumps({"ifeval": {"filters": {"remove_until": "x"}}}), "--limit", "3"]
-    out = runner.evalscope_argv(args, thinking=True)
-    assert out.count("--dataset-args") == 1 and out[out.index("--limit") + 1] == "3"
-    ds_args = json.loads(out[out.index("--dataset-args") + 1])
-    assert list(ds_args["pubmedqa"]["filters"]) == [runner.FILTER_NAME]
-    assert list(ds_args["ifeval"]["filters"]) == [runner.FILTER_NAME, "remove_until"]  # ours first
-    assert runner.evalscope_argv(args, thinking=False) == args
-
-
-def test_thinking_is_one_rule_from_the_model_family():
+def test_thinking_models_are_served_with_the_reasoning_parser():
+    """One rule from the model family: a thinking model's server separates the reasoning (vLLM's
+    deepseek_r1 parser) and its evaluation checks that it does; nothing else filters the answers."""
     run = RECIPES / "eval" / "run_eval.sh"
-    cases = [  # (domain, model path, env) -> thinking
-        ("medical", "Qwen/Qwen3-4B-Thinking-2507", {}, True),
-        ("medical", "saves/llamafactory/medical/eaft", {}, True),  # checkpoint: its base (hparams.yaml)
-        ("medical", "saves/swift/medical/eaft/checkpoint-100", {"BASE_MODEL": "zai-org/GLM-4-9B-0414"}, False),
-        ("medical", "zai-org/GLM-Z1-9B-0414", {}, True),
-        ("math", "saves/llamafactory/math/eaft", {}, False),
-        ("agent", "Qwen/Qwen3-4B-Instruct-2507", {}, False),
-    ]
-    for domain, path, env, thinking in cases:
+    for domain, path, env, thinking in THINKING_CASES:
         cmds = _commands(_bash(run, domain, "r", path, "--dry-run", **env))
         evals = [c for c in cmds if "recipes/eval/evalscope_run.py" in c]
         assert evals and all(("--thinking" in c) == thinking for c in evals), (domain, path, cmds)
         serve = next(c for c in cmds if c[0] == "vllm")
-        assert "--reasoning-parser" not in serve  # the answer filter is the one place the rule lives
+        assert (_flags(serve).get("reasoning-parser") == "deepseek_r1") == thinking, (path, serve)
+        assert all("filters" not in _flags(c).get("dataset-args", "") for c in evals)
 
 
-def test_think_filter_registers_in_evalscope():
-    if importlib.util.find_spec("evalscope") is None:
-        pytest.skip("SKIPPED: evalscope is not installed here (pip install -r recipes/eval/requirements.txt); "
-                    "the filter's rule is tested above, its EvalScope registration is not")
-    from evalscope.api.filter import build_filter_ensemble
+def served_message(text, serve_argv):
+    """The assistant message a vLLM server returns for the generated `text`. With --reasoning-parser,
+    vLLM's BaseThinkingReasoningParser.extract_reasoning (vllm/reasoning/basic_parsers.py, which
+    deepseek_r1 uses) drops an opening <think> and splits at the first </think>; no </think> means all
+    reasoning, no content. Without a parser, the text is the content."""
+    if "--reasoning-parser" not in serve_argv:
+        return {"content": text}
+    before, start, after = text.partition("<think>")
+    text = after if start else before
+    reasoning, end, content = text.partition("</think>")
+    return {"reasoning_content": reasoning, "content": content or None} if end else {"reasoning_content": text}
 
-    runner.register_filter()
-    ens = build_filter_ensemble(filters={runner.FILTER_NAME: None})
-    assert ens("yes yes</think>\nno") == "no" and ens("yes, unfinished") == ""
+
+# Scores answers with EvalScope's own code (.venv-swift): the OpenAI response -> ModelOutput path of its
+# OpenAICompatibleAPI.generate, then the benchmark adapter's calculate_metrics (filters + extract_answer).
+EVALSCOPE_SCORE = r"""
+import json, sys
+import evalscope.benchmarks  # registers the benchmarks
+from evalscope.api.evaluator import TaskState
+from evalscope.api.registry import get_benchmark
+from evalscope.config import TaskConfig
+from evalscope.models.utils.openai import chat_choices_from_openai, model_output_from_openai
+from openai.types.chat import ChatCompletion
+
+out = []
+for case in json.loads(sys.stdin.read()):
+    config = TaskConfig(model="m", datasets=[case["dataset"]], dataset_args=case["dataset_args"])
+    bench = get_benchmark(case["dataset"], config)
+    choice = {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", **case["message"]}}
+    completion = ChatCompletion.model_validate({"id": "c", "object": "chat.completion", "created": 0,
+                                                "model": "m", "choices": [choice]})
+    output = model_output_from_openai(completion, chat_choices_from_openai(completion, []))
+    state = TaskState(model="m", sample=bench.record_to_sample(case["record"]), output=output, completed=True)
+    score = bench.calculate_metrics(state).score
+    out.append({"answer": score.extracted_prediction, "value": score.value})
+print("RESULT" + json.dumps(out))
+"""
+
+# A thinking model that drafts one answer in its reasoning and gives another after </think>.
+DRAFT_THEN_ANSWER = ("The hypotension points to A.\nANSWER: A\nBut the lactate rules A out; B explains both.\n"
+                     "</think>\n\nANSWER: B")
+DRAFT_THEN_ANSWER_ZH = "先看“他”指谁。\n答案：A\n不对，再读一遍，“他”是李四。\n</think>\n\n答案：B"
+YES_THEN_NO = "Some would say yes: the effect is significant.\nYet the cohort is tiny.\n</think>\n\nno"
+
+
+def _evalscope_cases(commands):
+    """One case per dataset the medical row scores by extraction (IFEval needs langdetect: left out)."""
+    records = {
+        "med_mcqa": {"question": "Q?", "choices": ["a", "b", "c", "d"], "answer": "B"},
+        "mmlu": {"question": "Q?", "choices": ["a", "b", "c", "d"], "answer": 1, "subject": "anatomy"},
+        "medqa": custom.medqa_rows([{"question": "Q?", "options": dict(zip("ABCD", "abcd")), "answer_idx": "B"}])[0],
+        "cluewsc": custom.cluewsc_rows([{"text": "张三打了李四，他很生气。", "label": "false",
+                                         "target": {"span1_text": "张三", "span2_text": "他"}}])[0],
+        "pubmedqa": {"context": "c", "question": "Q?", "answer": "yes", "reasoning": "r"},
+    }
+    serve = next(c for c in commands if c[0] == "vllm")
+    cases = []
+    for cmd in commands:
+        if "recipes/eval/evalscope_run.py" not in cmd:
+            continue
+        flags = _flags(cmd)
+        args = json.loads(flags.get("dataset-args", "{}"))
+        i = cmd.index("--datasets") + 1
+        for ds in itertools.takewhile(lambda a: not a.startswith("--"), cmd[i:]):
+            key = args.get(ds, {}).get("subset_list", [ds])[0]
+            if key not in records:
+                continue
+            text = {"cluewsc": DRAFT_THEN_ANSWER_ZH, "pubmedqa": YES_THEN_NO}.get(key, DRAFT_THEN_ANSWER)
+            cases.append({"key": key, "dataset": ds, "dataset_args": args, "record": records[key],
+                          "message": served_message(text, serve)})
+    return cases
+
+
+def _evalscope_python():
+    found = sorted(SWIFT_VENV.glob("lib/python*/site-packages/evalscope-*.dist-info"))
+    if not found:
+        pytest.skip(f"SKIPPED: EvalScope is not installed in {SWIFT_VENV} (bash scripts/setup.sh swift installs it)")
+    from packaging.specifiers import SpecifierSet
+
+    version = found[-1].name[len("evalscope-"):-len(".dist-info")]
+    assert version in SpecifierSet(runner.pins()["evalscope"]), f"{SWIFT_VENV}: evalscope {version} is outside the recipes' pin"
+    return SWIFT_VENV / "bin" / "python"
+
+
+def test_evalscope_scores_the_final_answer_of_a_thinking_model():
+    """The medical row's commands, a thinking model that drafts "ANSWER: A" and answers "ANSWER: B":
+    EvalScope's real adapters (MedMCQA, MMLU, MedQA and CLUEWSC through general_mcq, PubMedQA) must
+    read B (no for PubMedQA). Their multiple-choice extraction reads the completion, not the filtered
+    text, so only a server that keeps the reasoning apart gets this right."""
+    python = _evalscope_python()
+    commands = _commands(_bash(RECIPES / "eval" / "run_eval.sh", "medical", "base", "Qwen/Qwen3-4B-Thinking-2507",
+                               "--dry-run"))
+    cases = _evalscope_cases(commands)
+    assert sorted(c["key"] for c in cases) == ["cluewsc", "med_mcqa", "medqa", "mmlu", "pubmedqa"]
+    res = subprocess.run([str(python), "-c", EVALSCOPE_SCORE], input=json.dumps(cases), capture_output=True,
+                         text=True, timeout=300, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-4000:]
+    out = json.loads([l for l in res.stdout.splitlines() if l.startswith("RESULT")][-1][len("RESULT"):])
+    answers = {c["key"]: o for c, o in zip(cases, out)}
+    for key in ("med_mcqa", "mmlu", "medqa", "cluewsc"):
+        assert answers[key]["answer"] == "B" and answers[key]["value"]["acc"] == 1.0, (key, answers[key])
+    assert answers["pubmedqa"]["answer"].strip() == "no" and answers["pubmedqa"]["value"]["acc"] == 0
+
+
+def test_thinking_run_refuses_a_server_without_reasoning_separation():
+    """evalscope_run.py --thinking asks once and stops when the reasoning comes back inside the answer."""
+    mixed = {"role": "assistant", "content": "Let me think about 1 + 1"}
+    separated = {"role": "assistant", "content": None, "reasoning_content": "Let me think about 1 + 1"}
+    newer_vllm = {"role": "assistant", "content": None, "reasoning": "Let me think"}
+    served = {}
+    with teacher.serve(lambda prompt: served["message"]) as url:
+        for message, ok in ((mixed, False), (separated, True), (newer_vllm, True)):
+            served["message"] = message
+            if ok:
+                runner.check_reasoning_separated(url, "m")
+            else:
+                with pytest.raises(SystemExit, match="--reasoning-parser deepseek_r1"):
+                    runner.check_reasoning_separated(url, "m")
 
 
 # ----------------------------------------------------------------------------- 8: Hub sources, offline
@@ -221,19 +328,34 @@ def test_collect_states_samples_per_problem(tmp_path, capsys):
 def test_outputs_are_named_after_their_source(tmp_path, shared_data):
     src = shared_data / "medical" / "pubmedqa_ori_pqal.json"
     assert medical_data.main(["--source", "pubmedqa", "--input", str(src), "--limit", "3", "--out-dir", str(tmp_path)]) == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["pubmedqa_eval_smoke.json", "pubmedqa_eval_smoke.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pubmedqa_eval_smoke_first3.json", "pubmedqa_eval_smoke_first3.jsonl"]
     with pytest.raises(SystemExit):
         medical_data.main(["--source", "medqa", "--input", str(shared_data / "medical" / "medqa_test.jsonl"),
                            "--name", medical_data.NAME, "--out-dir", str(tmp_path)])
     assert not (tmp_path / f"{medical_data.NAME}.json").exists()
     assert medical_data.output_name("medical-o1") == medical_data.NAME == "medical_o1_reasoning_en"
+    assert medical_data.output_name("medical-o1", limit=500) == "medical_o1_reasoning_en_first500"
 
     pytest.importorskip("datasets", reason="SKIPPED: needs `datasets` (installed by scripts/setup.sh)")
     demo = shared_data / "toolcall" / "glaive_toolcall_en_demo.json"
     out = tmp_path / "agent"
     assert agent_data.main(["--input", str(demo), "--limit", "2", "--out-dir", str(out)]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["glaive_toolcall_en_demo.json", "glaive_toolcall_en_demo.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == ["glaive_toolcall_en_demo_first2.json", "glaive_toolcall_en_demo_first2.jsonl"]
     assert agent_data.output_name(None) == "glaive_toolcall_en"
+    assert agent_data.output_name(None, 100) == "glaive_toolcall_en_first100"
+
+
+def test_medical_o1_from_a_local_file_is_named_after_it(tmp_path):
+    """--input X --limit N of the training source: not the training file's name, which the recipes
+    train on (a part of the set, or another file, would silently replace it)."""
+    pytest.importorskip("datasets", reason="SKIPPED: needs `datasets` (installed by scripts/setup.sh)")
+    src = tmp_path / "o1_sample.json"
+    src.write_text(json.dumps([{"Question": f"Q{i}?", "Complex_CoT": "c", "Response": "R"} for i in range(3)]))
+    out = tmp_path / "out"
+    assert medical_data.main(["--input", str(src), "--limit", "2", "--out-dir", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["o1_sample_first2.json", "o1_sample_first2.jsonl"]
+    assert medical_data.main(["--input", str(src), "--out-dir", str(out), "--name", medical_data.NAME]) == 0
+    assert len(json.loads((out / f"{medical_data.NAME}.json").read_text())) == 3  # asked for by name: allowed
 
 
 # ----------------------------------------------------------------------------- 12: multi-node address
@@ -241,7 +363,7 @@ def test_outputs_are_named_after_their_source(tmp_path, shared_data):
 @pytest.mark.parametrize("launcher", ["llamafactory", "swift_deepspeed", "swift_megatron"])
 def test_multi_node_requires_master_addr(launcher):
     script = RECIPES / "math" / f"{launcher}.sh"
-    for addr in (None, "127.0.0.1", "localhost"):
+    for addr in (None, "127.0.0.1", "localhost", "0.0.0.0", "::"):  # a wildcard is no address to connect to
         env = {"NNODES": "2"} if addr is None else {"NNODES": "2", "MASTER_ADDR": addr}
         res = _bash(script, "eaft", "--dry-run", **env)
         assert res.returncode == 2 and "NNODES=2 needs MASTER_ADDR" in res.stderr, (addr, res.stderr)
@@ -275,6 +397,25 @@ def test_template_follows_the_model():
         assert res.returncode == 2 and "no chat template known for model 'org/Unknown-7B'" in res.stderr
     res = _bash(RECIPES / "math" / "llamafactory.sh", "eaft", "--dry-run", "--", "model_name_or_path=org/Unknown-7B")
     assert res.returncode == 2 and "no chat template known" in res.stderr
+
+
+def _output_dir(launcher, *extra):
+    argv = _last(RECIPES / "math" / f"{launcher}.sh", "eaft", "--dry-run", "--", *extra)
+    if launcher != "llamafactory":
+        return _flags(argv)["output_dir"]
+    given = [a.split("=", 1)[1] for a in argv if a.startswith("output_dir=")]
+    return given[-1] if given else generate.llamafactory_config(generate.load_hparams("math"), "eaft")["output_dir"]
+
+
+def test_output_folders_name_the_model():
+    """A GLM-4 run and the Qwen run of the same recipe never share saves/<framework>/<domain>/<method>."""
+    for launcher, saves in (("llamafactory", "llamafactory"), ("swift_deepspeed", "swift"), ("swift_megatron", "megatron")):
+        qwen = _output_dir(launcher)
+        glm = _output_dir(launcher, *(["model_name_or_path=zai-org/GLM-4-9B-0414"] if launcher == "llamafactory"
+                                      else ["--model", "zai-org/GLM-4-9B-0414"]))
+        assert qwen == f"saves/{saves}/math/Qwen3-4B-Instruct-2507/eaft", launcher
+        assert glm == f"saves/{saves}/math/GLM-4-9B-0414/eaft", launcher
+    assert _output_dir("llamafactory", "model_name_or_path=zai-org/GLM-4-9B-0414", "output_dir=/mine") == "/mine"
 
 
 def test_template_names_exist_in_both_frameworks():
@@ -360,3 +501,168 @@ def test_generate_retries_and_keeps_what_succeeded(tmp_path):
         dead.clear()
         assert build_data.generate(prompts, out, **kw) == (1, 0)  # a rerun asks only for the missing one
         assert sorted(json.loads(l)["id"] for l in out.read_text().splitlines()) == [f"p{i}" for i in range(6)]
+
+
+# ----------------------------------------------------------------------------- 15: splits and metrics the paper's numbers allow
+
+TIES = (ROUND_HALF_UP, ROUND_HALF_DOWN)
+
+
+def _printed(n):
+    """Every one-decimal percentage some k/n prints as: rounded once, or first to EvalScope's 4 decimals
+    of the fraction; a tie may go either way at each step."""
+    out = set()
+    for k in range(n + 1):
+        exact = Decimal(100 * k) / Decimal(n)
+        stored = {exact} | {exact.quantize(Decimal("0.01"), rounding=r) for r in TIES}
+        out |= {float(x.quantize(Decimal("0.1"), rounding=r)) for x in stored for r in TIES}
+    return out
+
+
+def test_attainability_agrees_with_brute_force():
+    grid = [round(0.1 * i, 1) for i in range(1001)]
+    for n in (30, 304, 541):
+        printed = _printed(n)
+        assert [attainable.attainable(p, n) for p in grid] == [p in printed for p in grid], n
+    # a mean of per-prompt fractions: every choice of followed instructions, enumerated
+    per_prompt = {1: 2, 2: 1, 3: 1}
+    denominators = [d for d, count in per_prompt.items() for _ in range(count)]
+    means = {sum(Fraction(k, d) for k, d in zip(ks, denominators)) / len(denominators)
+             for ks in itertools.product(*[range(d + 1) for d in denominators])}
+    expected = {p for p in grid if any(abs(Fraction(str(p)) - 100 * m) <= Fraction(11, 200) for m in means)}
+    assert {p for p in grid if attainable.attainable_mean(p, per_prompt)} == expected
+
+
+def test_ifeval_instruction_counts_are_the_datasets(shared_data):
+    rows = [json.loads(l) for l in (shared_data / "general" / "ifeval_input_data.jsonl").read_text().splitlines()]
+    assert dict(collections.Counter(len(r["instruction_id_list"]) for r in rows)) == attainable.IFEVAL_INSTRUCTIONS_PER_PROMPT
+
+
+def test_published_scores_are_the_papers_twelve_rows():
+    assert len(attainable.published("CLUEWSC")) == len(attainable.published("IFEval")) == 12
+    assert [v for _, v in attainable.base_rows("IFEval")] == [81.0, 85.0]
+
+
+def test_defaults_are_the_split_and_metric_the_paper_allows(tmp_path):
+    """CLUEWSC: 304-item dev set cannot give 9 of the 12 published scores, FewCLUE's 976-item public test
+    can; IFEval: neither prompt-level (k/541) nor pooled instruction-level (k/834) gives them all."""
+    assert not attainable.consistent("CLUEWSC", "clue_dev")
+    assert attainable.consistent("CLUEWSC", custom.CLUEWSC_SPLIT)
+    assert not attainable.consistent("IFEval", "prompt_level_strict")
+    assert not attainable.consistent("IFEval", "inst_level_pooled")
+    assert attainable.consistent("IFEval", collect.DEFAULT_METRIC["ifeval"])
+    # collect.py reads that metric unless told otherwise
+    metrics = [{"name": n, "num": 541, "score": v, "macro_score": v, "categories": []}
+               for n, v in (("prompt_level_strict", 0.75), ("inst_level_strict", 0.81))]
+    report = {"dataset_name": "ifeval", "model_name": "m", "score": 0.75, "metrics": metrics}
+    path = tmp_path / "base" / "20260101_000000" / "reports" / "base" / "ifeval.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(report))
+    assert collect.read_run(tmp_path / "base", collect.DEFAULT_METRIC)[("ifeval", None)] == 0.81
+    assert collect.main([str(tmp_path), "--domain", "math"]) == 0
+    rows = list(csv.DictReader((tmp_path / "table.csv").open()))
+    assert float(rows[0]["IFEval"]) == pytest.approx(81.0)
+
+
+def test_cluewsc_download_is_pinned(tmp_path):
+    """prepare_custom.py's CLUEWSC file: FewCLUE's test_public, refused unless its SHA-256 is the pinned one."""
+    assert custom.CLUEWSC_URL.endswith("/datasets/cluewsc/test_public.json") and "FewCLUE/" in custom.CLUEWSC_URL
+    rows = [{"text": "张三打了李四，他很生气。", "label": "true", "target": {"span1_text": "李四", "span2_text": "他"}},
+            {"text": "x", "label": "false", "target": {"span1_text": "a", "span2_text": "b"}}]
+    data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
+    medqa = tmp_path / "medqa.jsonl"
+    medqa.write_text(json.dumps({"question": "Q?", "options": {"A": "a", "B": "b"}, "answer_idx": "B"}) + "\n")
+    with teacher.static(data) as url:
+        assert custom.download(url, hashlib.sha256(data).hexdigest()) == data.decode()
+        with pytest.raises(SystemExit, match="SHA-256"):
+            custom.download(url, custom.CLUEWSC_SHA256)
+        old_sha, custom.CLUEWSC_SHA256 = custom.CLUEWSC_SHA256, hashlib.sha256(data).hexdigest()
+        try:
+            assert custom.main(["--medqa", str(medqa), "--cluewsc-url", url, "--out-dir", str(tmp_path / "out")]) == 0
+        finally:
+            custom.CLUEWSC_SHA256 = old_sha
+    written = [json.loads(l) for l in (tmp_path / "out" / "cluewsc_val.jsonl").read_text().splitlines()]
+    assert [r["answer"] for r in written] == ["A", "B"]
+
+
+def test_docs_hold_the_attainability_table():
+    text = (ROOT / "docs" / "evaluation.md").read_text()
+    assert attainable.table() in text, "docs/evaluation.md: paste the output of python recipes/eval/attainable.py"
+
+
+# ----------------------------------------------------------------------------- 16: one command per row
+
+ROW_METHODS = ("base", "sft", "eaft")
+
+
+def _stages(domain, method, **env):
+    """{stage: [argv, ...]} of recipes/row.sh's dry run, in order."""
+    res = _bash(RECIPES / "row.sh", domain, method, "--dry-run", **env)
+    assert res.returncode == 0, res.stderr
+    stages, current = {}, None
+    for line in res.stdout.splitlines():
+        if line.startswith("# "):
+            current = line[2:].split(" ")[0]
+            stages[current] = []
+        elif line.startswith("+ "):
+            stages[current].append(shlex.split(line[2:].rstrip("&")))
+    return stages
+
+
+@pytest.mark.parametrize("domain", ["math", "medical", "agent"])
+def test_one_command_per_row_from_data_to_table(domain):
+    hp = generate.load_hparams(domain)
+    for method in ROW_METHODS:
+        stages = _stages(domain, method)
+        expected = ["eval-data", "eval", "collect"] if method == "base" else ["data", "train", "eval-data", "eval", "collect"]
+        assert list(stages) == expected, (domain, method, stages)
+        (evaluate,) = stages["eval"]
+        assert evaluate[:2] == ["bash", "recipes/eval/run_eval.sh"] and evaluate[2:4] == [domain, method]
+        assert stages["collect"] == [["python", "recipes/eval/collect.py", "--domain", domain, f"results/{domain}", "--paper"]]
+        if method == "base":
+            assert evaluate[4] == hp["model"]
+            continue
+        (train,) = stages["train"]
+        assert train == ["bash", f"recipes/{domain}/llamafactory.sh", method]
+        # the checkpoint evaluated is the one this training writes
+        assert evaluate[4] == generate.llamafactory_config(hp, method)["output_dir"]
+        for argv in stages["train"] + stages["eval"]:  # each stage's own dry run works
+            assert _bash(ROOT / argv[1], *argv[2:], "--dry-run").returncode == 0, argv
+    if domain == "math":  # the paper's teacher, served here unless TEACHER_URL is given
+        data = _stages("math", "sft")["data"]
+        assert data[0][:3] == ["vllm", "serve", "Qwen/Qwen3-235B-A22B-Instruct-2507"]
+        assert _flags(data[1])["model"] == "Qwen/Qwen3-235B-A22B-Instruct-2507"
+        data = _stages("math", "sft", TEACHER_URL="http://10.0.0.9:8000/v1")["data"]
+        assert len(data) == 1 and _flags(data[0])["base-url"] == "http://10.0.0.9:8000/v1"
+
+
+def test_rows_under_ms_swift_evaluate_their_own_output():
+    for framework in ("swift_deepspeed", "swift_megatron"):
+        stages = _stages("agent", "eaft", FRAMEWORK=framework)
+        (train,) = stages["train"]
+        assert train == ["bash", f"recipes/agent/{framework}.sh", "eaft"]
+        out = _flags(_last(ROOT / train[1], *train[2:], "--dry-run"))["output_dir"]
+        assert stages["eval"][0][4] == out  # run_eval.sh takes its last checkpoint-N
+    res = _bash(RECIPES / "row.sh", "math", "eaft", "--dry-run", FRAMEWORK="trl")
+    assert res.returncode == 2 and "FRAMEWORK must be" in res.stderr
+
+
+def test_readme_gives_each_row_its_command_and_cost():
+    text = (RECIPES / "README.md").read_text()
+    section = text[text.index("## One command per row"):]
+    section = section[:section.index("\n## ", 1)]
+    for domain in ("math", "medical", "agent"):
+        for method in ROW_METHODS:
+            assert f"bash recipes/row.sh {domain} {method}" in section, (domain, method)
+    for stage in ("data", "train", "eval"):
+        assert f"| {stage}" in section
+    assert "Qwen3-235B-A22B-Instruct-2507" in section and "H100" in section
+    assert "recipes/README.md#one-command-per-row" in (ROOT / "docs" / "reproduction.md").read_text()
+
+
+def test_readme_glm_wording_is_sourced():
+    """The paper's tables are Qwen3-4B only; the authors' README says the experiments span Qwen and GLM
+    (4B-32B) and publishes no GLM setting: the recipes' GLM layouts are ours."""
+    text = (RECIPES / "README.md").read_text()
+    assert "The paper's GLM runs" not in text and "use the same recipes with another model" not in text
+    assert "Qwen and GLM series (4B-32B parameters)" in text and "not the paper's" in text
