@@ -102,6 +102,9 @@ def _check_lm_head(lm: nn.Module, name: str = "lm_head") -> None:
     plain = isinstance(head, nn.Linear) and head.weight.is_floating_point()  # FSDP2's FSDPLinear is a subclass
     if plain and any(c.__name__ in ("BaseTunerLayer", "LoraLayer") for c in type(head).__mro__):
         plain = False
+    if plain and type(head).forward is not nn.Linear.forward:  # e.g. Dory's learned per-token logit scale
+        raise ValueError(f"fused EAFT needs a plain nn.Linear {name}: {type(head).__name__} has a forward of its "
+                         f"own, which the fused op (hidden @ weight.T + bias) would skip")
     if not plain:
         raise ValueError(
             f"fused EAFT needs a plain nn.Linear {name}, got {type(head).__name__} (e.g. LoRA or modules_to_save "

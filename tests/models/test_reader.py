@@ -128,6 +128,21 @@ def test_state_space_families_fuse_exactly_or_are_refused_when_patching(family, 
     assert_same(fused_model, dense_model, out.loss, want)
 
 
+def test_a_head_with_a_forward_of_its_own_is_refused_when_patching():
+    """Dory (transformers 5.24) scales its logits inside its LM head, an nn.Linear subclass: the fused op, which
+    computes hidden @ weight.T + bias, would skip that (the family sweep found it: a different loss)."""
+    import transformers
+
+    class ScaledHead(torch.nn.Linear):
+        def forward(self, hidden):
+            return super().forward(hidden) * 2.0
+
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**COMMON))
+    model.lm_head = ScaledHead(COMMON["hidden_size"], VOCAB, bias=False)
+    with pytest.raises(ValueError, match="ScaledHead has a forward of its own, which the fused op"):
+        patch_model_for_fused_eaft(model)
+
+
 def test_a_loss_term_beyond_cross_entropy_is_refused():
     """Bamba's z-loss: allowed while its coefficient is 0 (the `if` is read for this model), refused otherwise."""
     import transformers
