@@ -1,7 +1,10 @@
-"""The option tables in docs/, generated from the option schema (`options.SETTINGS`).
+"""The generated tables in docs/: the option tables, from the option schema (`options.SETTINGS`), and the
+families table, from the stored family sweeps (`eaft_plugins.models.families`, one per transformers release).
 
-A table sits between `<!-- options table: KIND -->` and `<!-- end of options table -->`;
-`python -m eaft_plugins.tools.doc_tables` rewrites them, tests/tools/test_docs.py fails when one drifts.
+An option table sits between `<!-- options table: KIND -->` and `<!-- end of options table -->`, the families
+table between `<!-- families table -->` and `<!-- end of families table -->`.
+`python -m eaft_plugins.tools.doc_tables [DOCS]` rewrites them (DOCS: the checkout's docs/ by default);
+tests/tools/test_docs.py fails when one drifts.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ KINDS = {
     "trl": ("field / flag", "`{key}`"),
 }
 _BLOCK = re.compile(r"(<!-- options table: (\w+)[^>]*-->\n)(.*?)(<!-- end of options table -->)", re.S)
+_FAMILIES = re.compile(r"(<!-- families table -->\n)(.*?)(<!-- end of families table -->)", re.S)
+DOCS = Path(__file__).resolve().parents[2] / "docs"  # the source checkout's
 
 
 def _rows(kind: str):
@@ -45,12 +50,22 @@ def table(kind: str) -> str:
 
 
 def render(text: str) -> str:
-    """`text` with every options table regenerated."""
-    return _BLOCK.sub(lambda m: m.group(1) + table(m.group(2)) + m.group(4), text)
+    """`text` with every options table and the families table regenerated."""
+    text = _BLOCK.sub(lambda m: m.group(1) + table(m.group(2)) + m.group(4), text)
+    if _FAMILIES.search(text):
+        from ..models.families import families_table  # torch: only where a page has the table
+
+        text = _FAMILIES.sub(lambda m: m.group(1) + families_table() + m.group(3), text)
+    return text
 
 
 def main(argv=None) -> int:
-    root = Path(argv[0]) if argv else Path(__file__).resolve().parents[1] / "docs"
+    root = Path(argv[0]) if argv else DOCS
+    if not root.is_dir():
+        where = "" if argv else " (this is not a source checkout)"
+        print(f"doc_tables: no docs folder at {root}{where}; pass the docs folder: "
+              f"python -m eaft_plugins.tools.doc_tables path/to/docs", file=sys.stderr)
+        return 2
     for path in sorted(root.glob("*.md")):
         text = path.read_text(encoding="utf-8")
         new = render(text)

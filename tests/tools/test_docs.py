@@ -50,3 +50,29 @@ def test_every_doc_a_script_or_page_cites_exists():
     for path in sources:
         for cited in re.findall(r"\bdocs/[\w.-]+\.md\b", path.read_text(encoding="utf-8")):
             assert (root / cited).is_file(), f"{path.name} cites {cited}, which does not exist"
+
+
+def test_the_families_table_is_the_stored_family_sweeps():
+    text = (DOCS / "performance.md").read_text(encoding="utf-8")
+    assert "<!-- families table -->\n" in text, "performance.md lost its generated families table"
+    assert doc_tables.render(text) == text, "performance.md: run `python -m eaft_plugins.tools.doc_tables`"
+    for version in ("5.6.0", "5.19.0", "5.24.0"):  # the transformers of .venv, .venv-swift, .venv-trl
+        assert f"| {version} |" in text, version
+
+
+def test_main_rewrites_a_stale_table_in_the_folder_it_is_given(tmp_path, capsys):
+    (tmp_path / "page.md").write_text("x\n<!-- options table: loss -->\n| old |\n<!-- end of options table -->\n")
+    (tmp_path / "current.md").write_text(doc_tables.render("<!-- options table: trl -->\n<!-- end of options table -->"))
+    assert doc_tables.main([str(tmp_path)]) == 0
+    assert "`ignore_index`" in (tmp_path / "page.md").read_text()
+    assert capsys.readouterr().out == f"rewrote {tmp_path / 'page.md'}\n"  # the current page is left alone
+
+
+def test_a_missing_docs_folder_is_an_error(tmp_path, monkeypatch, capsys):
+    assert doc_tables.DOCS == DOCS  # by default, the checkout's docs/
+    assert doc_tables.main([str(tmp_path / "nowhere")]) == 2
+    assert "no docs folder at" in capsys.readouterr().err
+    monkeypatch.setattr(doc_tables, "DOCS", tmp_path / "docs")  # an installed package: no docs/ beside it
+    assert doc_tables.main([]) == 2
+    err = capsys.readouterr().err
+    assert "not a source checkout" in err and "pass the docs folder" in err
