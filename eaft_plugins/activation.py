@@ -84,12 +84,12 @@ def install(frameworks=None) -> Dict[str, FrameworkStatus]:
     Arms the import hooks for the named frameworks (default: all registered ones); a framework
     that is already imported is patched at once.
     """
-    from . import _bootstrap
+    from .hooks import when_imported
 
     names = list(frameworks) if frameworks is not None else list(entry_points())
     for name in names:
         if name in sys.modules:
             activate(name)
         else:
-            _bootstrap.when_imported(name, lambda module: activate(module.__name__))
+            when_imported(name, lambda module: activate(module.__name__))
     return {n: status(n) for n in names}

@@ -146,29 +146,32 @@ def _check_number(name: str, value, low: float, high: float = math.inf) -> None:
 
 @dataclass(frozen=True)
 class Setting:
-    """One user-facing EAFT setting. Frameworks spell it `eaft_<name>` (YAML key, flag, config field)."""
+    """One user-facing setting, under the same key in every framework (YAML key, flag, config field)."""
 
-    name: str
-    kind: str  # "topk", "float", "choice" or "bool"
+    name: str  # the field of its record: topk, fused, probe
+    key: str  # eaft_topk, eaft_fused, retention_probe
+    kind: str  # "topk", "float", "choice", "bool", "probe" or "steps"
     default: object
     help: str
     choices: tuple = ()
-    trainer: bool = False  # a trainer setting (EAFTConfig), not an EAFTOptions field
+    group: str = "loss"  # loss (EAFTOptions), trainer (EAFTConfig) or retention (RetentionConfig: any loss)
 
     @property
-    def key(self) -> str:
-        return f"eaft_{self.name}"
+    def trainer(self) -> bool:
+        return self.group != "loss"
 
     @property
     def field_type(self):
         """The type of the framework's key: Optional, since None means "not given" (the default applies)."""
-        value_type = {"topk": str, "float": float, "choice": str, "bool": bool}[self.kind]
+        value_type = {"topk": str, "float": float, "choice": str, "bool": bool, "probe": str, "steps": int}[self.kind]
         return Optional[value_type]
 
     @property
     def default_text(self) -> str:
         if self.kind == "topk" and self.default is None:
             return "full"
+        if self.default is None:
+            return {"probe": "off", "steps": "auto"}.get(self.kind, "None")
         return str(self.default).lower() if self.kind == "bool" else str(self.default)
 
 
@@ -185,37 +188,62 @@ class EAFTConfig:
         "kind": "bool"})
 
 
-def _settings() -> tuple:
+@dataclass(frozen=True)
+class RetentionConfig:
+    """The retention monitor's keys (eaft_plugins.retention validates them). Any loss: not EAFT settings, so the
+    "eaft_* key without EAFT" rules never see them."""
+
+    probe: Optional[str] = field(default=None, metadata={
+        "help": "retention monitor (any loss, SFT or EAFT): `builtin` (the package's ~2k-token general probe set) "
+                "or a JSONL file of {\"text\"} / {\"prompt\"} / {\"question\", \"choices\", \"answer\"} rows; logs "
+                "retention/kl_base, retention/text_nll, retention/mc_logp and draws retention.png (docs/retention.md)",
+        "kind": "probe", "key": "retention_probe"})
+    steps: Optional[int] = field(default=None, metadata={
+        "help": "optimizer steps between two retention probes (default: the logging interval, else the eval "
+                "interval, else once per epoch, lengthened to a multiple of it if a probe would take more than 3% "
+                "of the training time; printed at the first interval); needs retention_probe",
+        "kind": "steps", "key": "retention_steps"})
+
+
+def _settings(owners) -> tuple:
     out = []
-    for owner, trainer in ((EAFTOptions, False), (EAFTConfig, True)):
+    for owner, group in owners:
         for f in fields(owner):
             if "help" in f.metadata and not f.metadata.get("internal"):
-                out.append(Setting(f.name, f.metadata["kind"], f.default, f.metadata["help"],
-                                   tuple(f.metadata.get("choices", ())), trainer))
+                out.append(Setting(f.name, f.metadata.get("key", f"eaft_{f.name}"), f.metadata["kind"], f.default,
+                                   f.metadata["help"], tuple(f.metadata.get("choices", ())), group))
     return tuple(out)
 
 
-SETTINGS = _settings()
-SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
+SETTINGS = _settings(((EAFTOptions, "loss"), (EAFTConfig, "trainer")))  # the EAFT settings
+RETENTION_SETTINGS = _settings(((RetentionConfig, "retention"),))
+USER_SETTINGS = SETTINGS + RETENTION_SETTINGS  # every key a framework gains
+SETTINGS_BY_KEY = {s.key: s for s in USER_SETTINGS}
 KEYS = tuple(s.key for s in SETTINGS)  # eaft_topk, eaft_alpha, ..., eaft_log_metrics, eaft_fused
 
 
 @dataclass(frozen=True)
 class Spelling:
-    """How one framework writes a setting: in error messages (`shown`) and as a fix (`assign`)."""
+    """How one framework writes a key in error messages (`shown`), writes a fix (`assign`), and how EAFT is
+    turned on there (`enabled`). Any key: ours (eaft_topk, retention_probe) or the framework's own."""
 
     shown_format: str = "`{key}`"  # e.g. "--{key}", "LLaMA-Factory key `{key}`"
     assign_format: str = "{key}: {value}"  # e.g. "--{key} {value}", "{key}={value}"
+    enabled: str = "EAFT"  # e.g. "`use_eaft_loss: true`", "--loss_type eaft"
+    python_values: bool = False  # True / False (a Python keyword argument) rather than true / false
 
-    def shown(self, name: str) -> str:
-        return self.shown_format.format(**self._names(name))
+    def shown(self, key: str) -> str:
+        return self.shown_format.format(**self._names(key))
 
-    def assign(self, name: str, value) -> str:
-        return self.assign_format.format(value=value, **self._names(name))
+    def assign(self, key: str, value) -> str:
+        if isinstance(value, bool) and not self.python_values:
+            value = str(value).lower()
+        return self.assign_format.format(value=value, **self._names(key))
 
     @staticmethod
-    def _names(name: str) -> dict:  # {key}: eaft_h_min, {name}: h_min, {dashed}: h-min
-        return {"key": f"eaft_{name}", "name": name, "dashed": name.replace("_", "-")}
+    def _names(key: str) -> dict:  # {key}: eaft_h_min, {name}: h_min, {dashed}: h-min
+        name = key[len("eaft_"):] if key.startswith("eaft_") else key
+        return {"key": key, "name": name, "dashed": name.replace("_", "-")}
 
 
 BOOL_WORDS = {"true": True, "1": True, "false": False, "0": False}
@@ -250,24 +278,24 @@ def _coerce(setting: Setting, value, shown: str):
 
 
 def config_from_keys(values, spelling: Spelling = Spelling()) -> EAFTConfig:
-    """EAFTConfig from the settings a user wrote: {name: value} by setting name (`topk`, not `eaft_topk`);
-    None means "not given". Strings are parsed; every error names the user's key and the allowed values."""
-    unknown = sorted(set(values) - set(SETTINGS_BY_NAME))
+    """EAFTConfig from the EAFT settings a user wrote, {key: value} (`eaft_topk`); None means "not given".
+    Strings are parsed; every error names the user's key and the allowed values."""
+    unknown = sorted(set(values) - set(KEYS))
     if unknown:
-        raise ValueError(f"unknown EAFT setting(s) {[spelling.shown(n) for n in unknown]}; "
-                         f"allowed: {[spelling.shown(s.name) for s in SETTINGS]}")
+        raise ValueError(f"unknown EAFT setting(s) {[spelling.shown(k) for k in unknown]}; "
+                         f"allowed: {[spelling.shown(k) for k in KEYS]}")
     options, trainer = {}, {}
-    for name, raw in values.items():
+    for key, raw in values.items():
         if raw is None:
             continue
-        setting = SETTINGS_BY_NAME[name]
-        value = _coerce(setting, raw, spelling.shown(name))
+        setting = SETTINGS_BY_KEY[key]
+        value = _coerce(setting, raw, spelling.shown(key))
         if setting.trainer:
-            trainer[name] = value
+            trainer[setting.name] = value
             continue
         try:
-            check_option(name, value)
+            check_option(setting.name, value)
         except ValueError as exc:
-            raise ValueError(f"{spelling.shown(name)} {raw!r} is invalid: {exc}") from None
-        options[name] = value
+            raise ValueError(f"{spelling.shown(key)} {raw!r} is invalid: {exc}") from None
+        options[setting.name] = value
     return EAFTConfig(EAFTOptions(**options), **trainer)

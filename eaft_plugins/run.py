@@ -6,13 +6,14 @@ An adapter only translates its framework's hooks into calls on one `EAFTRun`:
     run.check_vocab(model)                       # eaft_topk larger than the vocabulary: stop now
     loss = run.dense_loss(logits, labels, training=..., step=..., outputs=outputs, model=model)   # compute_loss_func
     # or, with eaft_fused: run.patch_fused(model), then per micro-batch
-    run.begin_fused(training, step, device); outputs = model(..., labels=...); run.end_fused(training)
-    logs.update(run.metrics("train", device))    # at each log (a collective: every rank calls it)
+    outputs = run.fused_forward(training, step, device, labels, lambda: model(..., labels=labels))
+    run.log(logs, device)                        # at each log (a collective: every rank calls it)
 
 It owns the per-step mean weight of `weight_norm="mean"` (one rule: the divisor is the previous
 optimizer step's global mean raw weight, in training and in evaluation; before the first step each
 micro-batch divides by its own mean), the train / eval statistics and their cross-rank reduction,
-the metric names, and the check that a fused forward really produced statistics.
+the metric names, and the check that a fused forward really produced statistics. Its collectives run over
+`group` (None: every rank; Megatron: the data-parallel group of the ranks that compute the loss).
 """
 
 from __future__ import annotations
@@ -38,6 +39,12 @@ def metric_values(stats: EAFTStats, mode: str = "train") -> dict:
     return {k: v for k, v in means.items() if k in keep or k.endswith("/tokens")}
 
 
+def metric_pairs(stats: EAFTStats, mode: str = "train") -> dict:
+    """{metric name: (sum, tokens)}: the form of frameworks that add pairs over micro-batches (Megatron)."""
+    sums = (stats.ce_sum, stats.weight_sum, stats.entropy_sum, stats.conflict_count)
+    return {name: (total, stats.tokens) for name, total in zip(metric_names(mode), sums)}
+
+
 class EAFTRun:
     """EAFT state of one trainer: options, weight_norm divisor, statistics, fused handle."""
 
@@ -51,6 +58,9 @@ class EAFTRun:
         self._step_acc = StatsAccumulator()
         self._step = None
         self.fused = None  # the FusedEAFT handle once patch_fused ran
+        self.group = None  # the process group of the collectives (None: every rank)
+        self.step = 0  # the optimizer step, for frameworks that do not pass it (Megatron sets it)
+        self._forward = None  # the patched forward, to re-patch when something replaced it
         # Add the MoE router loss (coef * aux_loss) as the model's own forward adds it with labels; False
         # where the framework adds it itself (ms-swift, TRL). HF Trainer never adds it after compute_loss_func.
         self.router_aux = True
@@ -68,7 +78,7 @@ class EAFTRun:
         try:
             self.options.check_vocab(vocab_size)
         except ValueError as exc:
-            raise ValueError(f"{self.spelling.shown('topk')}: {exc}") from None
+            raise ValueError(f"{self.spelling.shown('eaft_topk')}: {exc}") from None
 
     def patch_fused(self, model, keep_logits: bool = False):
         """Patch the model's forward to compute the fused EAFT loss (ValueError, naming the key, when it cannot)."""
@@ -78,10 +88,15 @@ class EAFTRun:
             self.fused = patch_model_for_fused_eaft(model, self.options, keep_logits=keep_logits)
             self.fused.add_aux_loss = self.router_aux
         except ValueError as exc:
-            raise ValueError(f"{self.spelling.assign('fused', 'true')}: {exc}; or set "
-                             f"{self.spelling.assign('fused', 'false')} (EAFT on the model's logits)") from None
+            raise ValueError(f"{self._fused_on}: {exc}; or set {self.spelling.assign('eaft_fused', False)} "
+                             "(EAFT on the model's logits)") from None
         self.fused.mean_weight = lambda: self.mean_weight
+        self._forward = self.fused.model.__dict__["forward"]
         return self.fused
+
+    @property
+    def _fused_on(self) -> str:
+        return self.spelling.assign("eaft_fused", True)
 
     # ---- per micro-batch
 
@@ -93,7 +108,7 @@ class EAFTRun:
         """
         if training and self.options.weight_norm == "mean" and step != self._step:
             if self._step is not None:
-                mean = self._step_acc.pop(device=device).raw_mean_weight
+                mean = self._step_acc.pop(group=self.group, device=device).raw_mean_weight
                 if mean is not None:
                     self.mean_weight = mean
             self._step = step
@@ -113,8 +128,8 @@ class EAFTRun:
         if logits is None:
             raise ValueError(
                 f"EAFT needs the model's logits, but the forward pass returned none (a fused loss kernel such as "
-                f"Liger's, or sequence / context parallel): set {self.spelling.assign('fused', 'true')} where the "
-                "model supports it, or disable what removed the logits")
+                f"Liger's, or sequence / context parallel): set {self._fused_on} where the model supports it, or "
+                "disable what removed the logits")
         mean_weight = self.begin(training, step, device if device is not None else logits.device)
         out = eaft_loss(logits, labels, options=self.options, num_items_in_batch=num_items_in_batch, shift=shift,
                         mean_weight=mean_weight, token_scale=token_scale)
@@ -141,18 +156,26 @@ class EAFTRun:
                              f"({exc}); turn output_router_logits off or report this model") from None
         return None if coef is None else coef * torch.as_tensor(aux)
 
-    def begin_fused(self, training: bool, step: int, device=None) -> None:
+    def fused_forward(self, training: bool, step: int, device, labels, forward):
+        """`forward()` (the model called with the labels) through the fused loss, its statistics recorded.
+
+        The model is patched again first if its forward was replaced since patch_fused (Liger's instance-level
+        patch, applied by Trainer.train() after the trainer was built, does that): the fused forward always wins.
+        """
+        if labels is None:
+            raise ValueError(f"{self._fused_on}: the batch has no labels, so the model would compute no EAFT loss")
+        model = self.fused.model
+        if model.__dict__.get("forward") is not self._forward or model.__dict__.get("eaft_fused") is not self.fused:
+            self.patch_fused(model, keep_logits=self.fused.keep_logits)
         self.begin(training, step, device)
         self.fused.last_stats = None
-
-    def end_fused(self, training: bool) -> None:
-        """After the model's forward: its statistics, or an error when the fused loss did not run."""
+        outputs = forward()
         if self.fused.last_stats is None:  # a wrapper replaced or bypassed the patched forward
             raise RuntimeError(
-                f"{self.spelling.assign('fused', 'true')}: the model's forward did not run the fused EAFT loss "
-                f"(it was replaced or wrapped after patching); set {self.spelling.assign('fused', 'false')} "
-                "and report this model setup")
+                f"{self._fused_on}: the model's forward did not run the fused EAFT loss (it was replaced or wrapped "
+                f"after patching); set {self.spelling.assign('eaft_fused', False)} and report this model setup")
         self.record(self.fused.last_stats, training)
+        return outputs
 
     # ---- at log time
 
@@ -161,4 +184,23 @@ class EAFTRun:
 
         A collective when `reduce`: every rank must call it at the same point.
         """
-        return metric_values(self.acc[mode].pop(device=device, reduce=reduce), mode)
+        return metric_values(self.acc[mode].pop(group=self.group, device=device, reduce=reduce), mode)
+
+    def log(self, logs: dict, device=None) -> None:
+        """Add the metrics to a trainer's log entry: training ones to an entry with `loss`, evaluation ones to an
+        entry with `eval_loss` (every rank logs the same entries, so the collective is reached by all)."""
+        if not self.log_metrics:
+            return
+        if "loss" in logs:
+            logs.update(self.metrics("train", device))
+        elif "eval_loss" in logs:
+            logs.update(self.metrics("eval", device))
+
+    def take(self, training: bool, device=None) -> EAFTStats:
+        """The statistics recorded since the last call, reduced over `group`; an error when the loss never ran
+        (frameworks that log per micro-batch: Megatron)."""
+        acc = self.acc["train" if training else "eval"]
+        if acc.empty:
+            raise RuntimeError(f"{self.spelling.enabled} is set but the model's forward did not compute the EAFT "
+                               "loss; see `python -m eaft_plugins doctor`")
+        return acc.pop(group=self.group, device=device)

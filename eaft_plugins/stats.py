@@ -78,6 +78,10 @@ class StatsAccumulator:
     def add(self, stats: EAFTStats) -> None:
         self._total = stats if self._total is None else self._total + stats
 
+    @property
+    def empty(self) -> bool:
+        return self._total is None
+
     def pop(self, group=None, device=None, reduce: bool = True) -> EAFTStats:
         total = self._total if self._total is not None else EAFTStats.zeros(device)
         if device is not None:

@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PARSER_MODULE = "import llamafactory.hparams.parser as p; print(p.FinetuningArguments.__module__)"
-PATCHED = "eaft_plugins.integrations.llamafactory"
-UPSTREAM = "llamafactory.hparams.finetuning_args"
+# Whether LLaMA-Factory's FinetuningArguments gained our keys (in place) in that interpreter.
+PARSER_MODULE = ("import dataclasses, llamafactory.hparams.parser as p; "
+                 "print('eaft_topk' in {f.name for f in dataclasses.fields(p.FinetuningArguments)})")
+PATCHED = "True"
+UPSTREAM = "False"
 
 
 def python(code, *, pythonpath=None, args=(), **env_extra):
@@ -60,12 +62,12 @@ def test_when_imported_runs_after_the_submodule_loads_and_at_once_if_loaded(tmp_
     (pkg / "sub.py").write_text("VALUE = 1\n")
     code = textwrap.dedent("""
         import sys
-        from eaft_plugins import _bootstrap
+        from eaft_plugins import hooks
         seen = []
-        _bootstrap.when_imported("eaftdemo_pkg.sub", lambda m: seen.append(("late", m.VALUE)))
+        hooks.when_imported("eaftdemo_pkg.sub", lambda m: seen.append(("late", m.VALUE)))
         assert seen == []
         import eaftdemo_pkg.sub
-        _bootstrap.when_imported("eaftdemo_pkg.sub", lambda m: seen.append(("now", m.VALUE)))
+        hooks.when_imported("eaftdemo_pkg.sub", lambda m: seen.append(("now", m.VALUE)))
         print(seen, type(eaftdemo_pkg.sub.__loader__).__name__)
     """)
     out = python(code, pythonpath=tmp_path)

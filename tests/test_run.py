@@ -6,7 +6,7 @@ import torch.nn as nn
 
 from eaft_plugins import eaft_loss
 from eaft_plugins.options import EAFTConfig, EAFTOptions, Spelling
-from eaft_plugins.run import EAFTRun, metric_names
+from eaft_plugins.run import EAFTRun, metric_names, metric_pairs
 
 IGNORE = -100
 
@@ -79,14 +79,56 @@ def test_topk_above_the_vocabulary_names_the_frameworks_key():
 
 
 def test_missing_logits_and_a_bypassed_fused_forward_are_errors():
-    run = EAFTRun(EAFTConfig(), Spelling("SFTConfig field `{key}`", "{key}={value}"))
-    with pytest.raises(ValueError, match=r"needs the model's logits.*set eaft_fused=true"):
+    run = EAFTRun(EAFTConfig(), Spelling("SFTConfig field `{key}`", "{key}={value}", python_values=True))
+    with pytest.raises(ValueError, match=r"needs the model's logits.*set eaft_fused=True"):
         run.dense_loss(None, torch.zeros(1, 4, dtype=torch.long), training=True, step=0)
+
+    class Model(nn.Module):
+        pass
 
     class Handle:
         last_stats = None
+        keep_logits = False
+        model = Model()
 
     run.fused = Handle()
-    run.begin_fused(True, 0)
-    with pytest.raises(RuntimeError, match=r"eaft_fused=true: the model's forward did not run the fused EAFT loss"):
-        run.end_fused(True)
+    run._forward = Handle.model.forward = lambda: None
+    Handle.model.eaft_fused = run.fused
+    with pytest.raises(ValueError, match=r"eaft_fused=True: the batch has no labels"):
+        run.fused_forward(True, 0, None, None, lambda: None)
+    with pytest.raises(RuntimeError, match=r"eaft_fused=True: the model's forward did not run the fused EAFT loss"):
+        run.fused_forward(True, 0, None, torch.zeros(1, 4), lambda: None)
+
+
+def test_log_adds_train_metrics_to_a_loss_entry_and_eval_metrics_to_an_eval_entry():
+    run = EAFTRun(EAFTConfig())
+    logits, labels = batch(5)
+    run.dense_loss(logits, labels, training=True, step=0)
+    run.dense_loss(logits, labels, training=False, step=0)
+    summary = {"train_runtime": 1.0}
+    run.log(summary)  # neither a step nor an evaluation: nothing popped
+    assert summary == {"train_runtime": 1.0}
+    train, evaluation = {"loss": 1.0}, {"eval_loss": 1.0}
+    run.log(train)
+    run.log(evaluation)
+    assert set(metric_names("train")) <= set(train) and set(metric_names("eval")) <= set(evaluation)
+    assert train["eaft/tokens"] == evaluation["eval_eaft/tokens"] == float((labels[:, 1:] != IGNORE).sum())
+    quiet = EAFTRun(EAFTConfig(log_metrics=False))
+    quiet.dense_loss(logits, labels, training=True, step=0)
+    entry = {"loss": 1.0}
+    quiet.log(entry)
+    assert entry == {"loss": 1.0}
+
+
+def test_take_and_metric_pairs_for_frameworks_that_log_per_micro_batch():
+    run = EAFTRun(EAFTConfig(), Spelling(enabled="--loss_type eaft"))
+    with pytest.raises(RuntimeError, match=r"^--loss_type eaft is set but the model's forward did not compute"):
+        run.take(training=True)
+    logits, labels = batch(6)
+    run.dense_loss(logits, labels, training=True, step=0)
+    stats = run.take(training=True)
+    pairs = metric_pairs(stats)
+    assert list(pairs) == list(metric_names("train"))
+    total, tokens = pairs["eaft/ce"]
+    assert float(total / tokens) == pytest.approx(stats.means()["eaft/ce"])
+    assert run.acc["train"].empty

@@ -7,16 +7,16 @@ RLHFArguments, ...) name the class itself, so it must gain the fields before the
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional
 
 
-def add_fields(cls, new: Dict[str, Tuple[object, str]],
-               prepare: Optional[Callable[[type, dict, dict], None]] = None) -> bool:
-    """Add `new` ({name: (type, help)}, each defaulting to None) to dataclass `cls`; False if already there.
+def add_fields(cls, new: Dict[str, tuple], prepare: Optional[Callable[[type, dict, dict], None]] = None) -> bool:
+    """Add `new` ({name: (type, help[, default])}, default None) to dataclass `cls`; False if all are there.
 
     `prepare(cls, annotations, own_fields)` may edit the class's own annotations before it is re-processed.
     """
-    if next(iter(new)) in {f.name for f in dataclasses.fields(cls)}:
+    have = {f.name for f in dataclasses.fields(cls)}
+    if all(name in have for name in new):
         return False
     annotations = dict(cls.__dict__.get("__annotations__", {}))
     own_fields = cls.__dict__["__dataclass_fields__"]
@@ -28,9 +28,9 @@ def add_fields(cls, new: Dict[str, Tuple[object, str]],
             setattr(cls, name, f)
     if prepare is not None:
         prepare(cls, annotations, own_fields)
-    for name, (tp, help_text) in new.items():
+    for name, (tp, help_text, *default) in new.items():
         annotations[name] = tp
-        setattr(cls, name, dataclasses.field(default=None, metadata={"help": help_text}))
+        setattr(cls, name, dataclasses.field(default=default[0] if default else None, metadata={"help": help_text}))
     cls.__annotations__ = annotations
     # dataclass() never overwrites a method already in the class dict: drop the generated ones.
     for name in ("__init__", "__repr__", "__eq__", "__match_args__"):

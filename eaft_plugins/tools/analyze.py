@@ -366,7 +366,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        opts = config_from_keys({st.name: getattr(args, st.name) for st in SCORING_SETTINGS}, Spelling("--{dashed}")).options
+        opts = config_from_keys({st.key: getattr(args, st.name) for st in SCORING_SETTINGS}, Spelling("--{dashed}")).options
     except ValueError as exc:
         parser.error(str(exc))
     ks = [int(k) for k in args.ks.split(",") if k.strip()]

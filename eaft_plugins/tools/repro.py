@@ -19,7 +19,6 @@ Runs are cached in --out/runs/<name>/eval.json and reused when their settings ma
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -122,21 +121,12 @@ def load_data(s: Settings) -> dict:
 # ----------------------------------------------------------------------------- training
 
 
-def plugin_available() -> bool:
-    return importlib.util.find_spec("eaft_plugins.integrations.llamafactory") is not None
-
-
 def arm_options(arm: str) -> dict:
     """LLaMA-Factory keys of an arm (beyond the shared ones)."""
     if arm in ("sft", "sft_stepmatched"):
         return {"use_eaft_loss": False}
     extra = {"eaft": {}, "eaft_meannorm": {"eaft_weight_norm": "mean"}, "eaft_shuffle": {"eaft_gate": "shuffle"}}[arm]
-    if extra and not plugin_available():
-        raise RuntimeError(f"arm {arm!r} needs the eaft-plugins LLaMA-Factory integration "
-                           f"(eaft_plugins/integrations/llamafactory/__init__.py) for the keys {sorted(extra)}; install eaft-plugins fully")
-    if plugin_available():
-        extra = {**extra, "eaft_log_metrics": True}
-    return {"use_eaft_loss": True, **extra}
+    return {"use_eaft_loss": True, **extra, "eaft_log_metrics": True}
 
 
 def write_yaml(cfg: dict, path: Path) -> Path:
@@ -248,9 +238,6 @@ def run_all(s: Settings, out: Path, device: Optional[str] = None, keep_models: b
     mathgen.write_alpaca(data["train"], data_dir / "repro_math.json")
     (data_dir / "dataset_info.json").write_text(json.dumps({"repro_math": {"file_name": "repro_math.json"}}))
     arms = CONTROL_ARMS if s.controls else ARMS
-    if not plugin_available():
-        log("note: eaft_plugins' LLaMA-Factory integration is absent; EAFT runs use LLaMA-Factory's own use_eaft_loss "
-            "(top-20 entropy / 3.0) and log no eaft/* metrics")
     t0 = time.time()
     ev = Evaluator(s, data, device)
     base_eval = _cached(out / "base_eval.json", {"eval": s.eval_spec(), "model": s.model}, lambda: ev.evaluate(ev.base))
@@ -330,7 +317,7 @@ def aggregate(s: Settings, data: dict, base_eval: dict, runs: Dict[str, dict], a
             weights = [r["mean_weight"] for r in sel if r["mean_weight"] is not None]
             entry["mean_eaft_weight"] = sum(weights) / len(weights) if weights else None
             table[f"lr={lr:g} {arm}"] = entry
-    return {"settings": asdict(s), "data": data["names"], "plugin": plugin_available(), "base": base,
+    return {"settings": asdict(s), "data": data["names"], "base": base,
             "arms": table, "runs": {n: {k: v for k, v in r.items() if k != "eval"} for n, r in runs.items()}}
 
 

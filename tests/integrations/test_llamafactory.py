@@ -74,7 +74,7 @@ def test_bad_values_name_the_key(smollm2_dir, data_dir, tmp_path, key, value, ma
 
 
 def test_eaft_key_without_use_eaft_loss_is_refused(smollm2_dir, data_dir, tmp_path):
-    with pytest.raises(ValueError, match=r"\['eaft_topk'\] set but use_eaft_loss is false"):
+    with pytest.raises(ValueError, match=r"LLaMA-Factory key `eaft_topk` set but use_eaft_loss is false: EAFT settings only apply with `use_eaft_loss: true`"):
         parse(smollm2_dir, data_dir, tmp_path, eaft=False, eaft_topk=10)
 
 
@@ -87,7 +87,7 @@ def test_unknown_key_is_still_rejected(smollm2_dir, data_dir, tmp_path):
     "overrides, match",
     [
         ({"stage": "pt"}, "stage: pt ignores the loss; EAFT needs `stage: sft`"),
-        ({"use_dft_loss": True}, "use_dft_loss and use_eaft_loss both set"),
+        ({"use_dft_loss": True}, "`use_eaft_loss: true` and LLaMA-Factory key `use_dft_loss` both replace the loss"),
     ],
 )
 def test_combinations_that_would_silently_drop_eaft_are_refused(smollm2_dir, data_dir, tmp_path, overrides, match):
@@ -99,7 +99,7 @@ def test_combinations_that_would_silently_drop_eaft_are_refused(smollm2_dir, dat
     "args_index, attr, match",
     [  # set on parsed args: USE_MCA needs mcore_adapter and liger needs liger-kernel, GPU builds both
         (3, "use_mca", "Megatron Core Adapter"),
-        (0, "enable_liger_kernel", r"enable_liger_kernel computes a fused CE without logits.*add `eaft_fused: true`"),
+        (0, "enable_liger_kernel", r"`enable_liger_kernel`: the dense EAFT loss needs the full logits.*Set `eaft_fused: true`"),
     ],
 )
 def test_gpu_only_paths_are_refused(smollm2_dir, data_dir, tmp_path, args_index, attr, match):
@@ -120,19 +120,20 @@ def test_liger_with_eaft_fused_is_allowed(smollm2_dir, data_dir, tmp_path):
 
 
 def test_label_smoothing_is_refused(smollm2_dir, data_dir, tmp_path):
-    with pytest.raises(ValueError, match="label_smoothing_factor > 0 is ignored once a custom loss is set"):
+    with pytest.raises(ValueError, match=r"`label_smoothing_factor` 0.1: EAFT replaces the loss, so the smoothing would "
+                                         r"be dropped silently; set `label_smoothing_factor: 0`"):
         parse(smollm2_dir, data_dir, tmp_path, label_smoothing_factor=0.1)
 
 
 def test_eaft_fused_without_use_eaft_loss_is_refused(smollm2_dir, data_dir, tmp_path):
-    with pytest.raises(ValueError, match=r"\['eaft_fused'\] set but use_eaft_loss is false"):
+    with pytest.raises(ValueError, match=r"LLaMA-Factory key `eaft_fused` set but use_eaft_loss is false"):
         parse(smollm2_dir, data_dir, tmp_path, eaft=False, eaft_fused=True)
 
 
 @pytest.mark.parametrize("alpha", [0.5, 1.0])  # written with its default value counts too
 def test_upstream_key_without_use_eaft_loss_is_refused(smollm2_dir, data_dir, tmp_path, alpha):
     # eaft_alpha is upstream's field (default 1.0), so only the keys the user wrote can tell.
-    with pytest.raises(ValueError, match=r"\['eaft_alpha'\] set but use_eaft_loss is false"):
+    with pytest.raises(ValueError, match=r"LLaMA-Factory key `eaft_alpha` set but use_eaft_loss is false"):
         parse(smollm2_dir, data_dir, tmp_path, eaft=False, eaft_alpha=alpha)
 
 
@@ -140,7 +141,7 @@ def test_written_keys_from_argv():
     argv = ["--model_name_or_path", "/m/eaft_plugins/x", "--eaft_alpha", "0.5", "--do_train", "--eaft_gate=hard"]
     assert plugin.written_keys(argv) == {"model_name_or_path": "/m/eaft_plugins/x", "eaft_alpha": "0.5",
                                          "do_train": True, "eaft_gate": "hard"}
-    with pytest.raises(ValueError, match=r"\['eaft_alpha', 'eaft_gate'\] set but use_eaft_loss is false"):
+    with pytest.raises(ValueError, match=r"LLaMA-Factory key `eaft_alpha`, LLaMA-Factory key `eaft_gate` set but use_eaft_loss is false"):
         plugin.check_written_keys(argv)
     assert plugin.check_written_keys(argv + ["--use_eaft_loss", "TRUE"]) is True
     assert plugin.check_written_keys(["--model_name_or_path", "/cache/eaft_plugins/m"]) is False
@@ -188,24 +189,25 @@ def test_a_release_that_defines_our_keys_is_refused():
     future = dataclasses.make_dataclass("FinetuningArguments", [("eaft_topk", int, dataclasses.field(default=20))],
                                         bases=(base,))
     with pytest.raises(RuntimeError, match=r"defines \['eaft_topk'\] itself"):
-        plugin._make_args_class(future)
+        plugin.extend_finetuning_arguments(future)
 
 
 def test_doctor_reports_the_patches():
     out = subprocess.run([sys.executable, "-m", "eaft_plugins", "doctor"], capture_output=True, text=True,
                          env=cli_env(), timeout=300)
     assert "llamafactory 0.9" in out.stdout
-    assert "patched: hparams.parser._TRAIN_ARGS" in out.stdout
+    assert "patched: hparams.finetuning_args.FinetuningArguments" in out.stdout
     assert "patched: train.sft.trainer.CustomSeq2SeqTrainer" in out.stdout
 
 
 def test_bootstrap_disabled_means_no_patch():
-    code = "import llamafactory.hparams.parser as p; print(p.FinetuningArguments.__module__)"
+    code = ("import dataclasses, llamafactory.hparams.parser as p; "
+            "print('eaft_topk' in {f.name for f in dataclasses.fields(p.FinetuningArguments)})")
     env = dict(cli_env(), EAFT_PLUGINS_DISABLE="1")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
-    assert out.stdout.strip() == "llamafactory.hparams.finetuning_args"
+    assert out.stdout.strip() == "False"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cli_env(), timeout=300)
-    assert out.stdout.strip() == "eaft_plugins.integrations.llamafactory"
+    assert out.stdout.strip() == "True"
 
 
 # ---------------------------------------------------------------- real training runs

@@ -56,6 +56,26 @@ def _postprocess(model, hidden, labels):
                               rotary_pos_cos=None, rotary_pos_sin=None)
 
 
+def _run(group=None, **opts):
+    """The trainer's EAFTRun, as MegatronTrainer.__init__ builds it (megatron.bind) from parsed arguments."""
+    from eaft_plugins.integrations.swift import megatron as swift_megatron
+    from eaft_plugins.options import EAFTConfig, make_options
+
+    trainer = types.SimpleNamespace(args=types.SimpleNamespace(loss_type="eaft", rlhf_type=None,
+                                                               eaft_config=EAFTConfig(make_options(**opts))))
+    return swift_megatron.bind(trainer, [], group)
+
+
+def _gathered_logits(model, hidden, tp):
+    """This rank's vocab shard of the logits gathered over the tensor-parallel group: [b, s, V]."""
+    from megatron.core import parallel_state
+
+    local = _postprocess(model, hidden, None)  # [b, s, V/tp]
+    parts = [torch.empty_like(local) for _ in range(tp)]
+    dist.all_gather(parts, local.detach().contiguous(), group=parallel_state.get_tensor_model_parallel_group())
+    return local, torch.cat(parts, -1)
+
+
 def _worker(rank, world, tp, workdir):
     from eaft_plugins.integrations.swift import megatron as swift_megatron
 
@@ -65,10 +85,10 @@ def _worker(rank, world, tp, workdir):
 
     from eaft_plugins import eaft_loss
     from eaft_plugins.activation import status
-    from eaft_plugins.stats import EAFTStats
 
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    dp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
     hidden0, labels = _inputs()
     mask = labels != IGNORE
     out = {"patched_before_model_import": list(status("swift").patched)}
@@ -76,28 +96,27 @@ def _worker(rank, world, tp, workdir):
         model = _model(tp, fusion)
         weight = model.output_layer.weight
         # Megatron's own CE (EAFT off): the baseline the wrapper must leave untouched.
-        swift_megatron.disable()
+        swift_megatron.attach([model], None)
         out[f"megatron_ce_{fusion}"] = _postprocess(model, hidden0, labels).detach()
         # EAFT on: per-token weighted CE from the vocab-parallel op; loss_func-style reduction.
         for name, opts in {"default": {}, "alpha0": dict(alpha=0.0), "full": dict(topk=None, gate="hard", h_min=0.3)}.items():
-            swift_megatron.enable(**opts)
+            run = _run(**opts)
+            swift_megatron.attach([model], run)
             hidden = hidden0.clone().requires_grad_(True)
             model.zero_grad()
             per_token = _postprocess(model, hidden, labels)
-            stats = swift_megatron.pop_stats()
+            stats = run.acc["train"].pop(reduce=False)
             ((per_token * mask).sum() / mask.sum()).backward()
             out[f"eaft_{name}_{fusion}"] = dict(
                 per_token=per_token.detach(), stats=stats.to_vector(), weight_grad=weight.grad.clone(),
                 hidden_grad=hidden.grad.clone(),
             )
             # Reference: the core on the gathered full logits, its logit gradient pushed back through the layer.
-            swift_megatron.disable()
+            swift_megatron.attach([model], None)
             hidden = hidden0.clone().requires_grad_(True)
             model.zero_grad()
-            local = _postprocess(model, hidden, None)  # [b, s, V/tp]
-            parts = [torch.empty_like(local) for _ in range(tp)]
-            dist.all_gather(parts, local.detach().contiguous(), group=parallel_state.get_tensor_model_parallel_group())
-            full = torch.cat(parts, -1).requires_grad_(True)
+            local, full = _gathered_logits(model, hidden, tp)
+            full.requires_grad_(True)
             ref = eaft_loss(full, labels, shift=False, **opts)
             ref.loss.backward()
             shard = VOCAB // tp
@@ -106,22 +125,61 @@ def _worker(rank, world, tp, workdir):
                 loss=ref.loss.detach(), stats=ref.stats.to_vector(), weight_grad=weight.grad.clone(),
                 hidden_grad=hidden.grad.clone(), full_logits=full.detach(),
             )
-    # The trainer's eaft/* metrics: [sum, tokens] pairs reduced over data-parallel ranks only.
-    stats = EAFTStats.from_vector(out["eaft_default_True"]["stats"])
-    out["metrics"] = swift_megatron.stats_metrics(stats, torch.device("cpu"))
+    # The trainer's eaft/* metrics (MegatronTrainer.loss_func): [sum, tokens] pairs reduced over data-parallel ranks.
+    run = _run(group=dp_group)
+    swift_megatron.attach([model], run)
+    _postprocess(model, hidden0, labels)
+    trainer = types.SimpleNamespace(_eaft=run, unwrapped_models=[model])
+    out["metrics"] = swift_megatron.loss_metrics(trainer, (None, None, {}), torch.device("cpu"))[2]
+    out["metrics_stats"] = out["eaft_default_False"]["stats"]
     out["dp"] = parallel_state.get_data_parallel_world_size()
+    out["weight_norm"] = _weight_norm_steps(model, tp, dp_group, parallel_state.get_data_parallel_rank())
     # Multi-token prediction would route the MTP heads through the same loss: refused.
-    swift_megatron.enable()
+    swift_megatron.attach([model], _run())
     model.config.mtp_num_layers = 1
     try:
         _postprocess(model, hidden0, labels)
         out["mtp_error"] = None
     except ValueError as exc:
         out["mtp_error"] = str(exc)
-    swift_megatron.disable()
     out["patched"] = list(status("swift").patched)
     torch.save(out, os.path.join(workdir, f"rank{rank}.pt"))
     dist.destroy_process_group()
+
+
+def _weight_norm_steps(model, tp, dp_group, dp_rank):
+    """weight_norm=mean over two optimizer steps: step 0 has two micro-batches (each its own mean, no divisor yet),
+    step 1 divides by step 0's mean raw weight over both micro-batches and every data-parallel rank."""
+    from eaft_plugins import eaft_loss
+    from eaft_plugins.integrations.swift import megatron as swift_megatron
+
+    run = _run(group=dp_group, weight_norm="mean")
+    swift_megatron.attach([model], run)
+    got, raw = [], []
+    for step, seed in ((0, 10), (0, 11), (1, 12)):
+        g = torch.Generator().manual_seed(seed + 100 * dp_rank)  # each data-parallel rank its own rows
+        hidden = torch.randn(SEQ, BATCH, HIDDEN, generator=g) * 4
+        labels = torch.randint(0, VOCAB, (BATCH, SEQ), generator=g)
+        labels[:, :2] = IGNORE
+        run.step = step  # what MegatronTrainer.train_step sets
+        with torch.no_grad():
+            got.append(_postprocess(model, hidden, labels))
+            run.acc["train"].pop(reduce=False)
+            swift_megatron.attach([model], None)
+            full = _gathered_logits(model, hidden, tp)[1]
+            swift_megatron.attach([model], run)
+        raw.append((full, labels))
+    sums = torch.stack([eaft_loss(z, y, shift=False).stats.to_vector() for z, y in raw[:2]]).sum(0)
+    dist.all_reduce(sums, group=dp_group)
+    mean0 = float(sums[5] / sums[4])  # raw_weight_sum / tokens over both micro-batches and data-parallel ranks
+    def mean_loss(per_token, labels):  # what loss_func makes of the per-token losses
+        return per_token.sum() / (labels != IGNORE).sum()
+
+    z, y = raw[2]
+    return dict(got=mean_loss(got[2], y), want=eaft_loss(z, y, shift=False, weight_norm="mean", mean_weight=mean0).loss,
+                own=eaft_loss(z, y, shift=False, weight_norm="mean").loss,  # the micro-batch's own mean
+                mean_weight=run.mean_weight, mean0=mean0, first=mean_loss(got[0], raw[0][1]),
+                first_own=eaft_loss(*raw[0], shift=False, weight_norm="mean").loss)
 
 
 @pytest.fixture(scope="module", params=[(1, 1), (2, 2), (2, 1)], ids=["tp1", "tp2", "tp1_dp2"])
@@ -182,11 +240,23 @@ def test_eaft_matches_core_on_gathered_logits(runs, name, fusion):
 def test_metrics_reduce_over_data_parallel_only(runs):
     world, tp, results = runs
     for res in results:
-        stats = res["eaft_default_True"]["stats"].float()
+        stats = res["metrics_stats"].float()
         assert res["dp"] == world // tp
         expected = {"eaft/ce": 0, "eaft/weight": 1, "eaft/entropy": 2, "eaft/conflict_frac": 3}
         for key, i in expected.items():
             torch.testing.assert_close(res["metrics"][key], res["dp"] * torch.stack([stats[i], stats[4]]))
+
+
+def test_weight_norm_mean_divides_by_the_previous_steps_global_mean(runs):
+    """The one rule of every framework (run.py): not each micro-batch's own mean, but the previous optimizer
+    step's mean raw weight over all its micro-batches and data-parallel ranks."""
+    world, tp, results = runs
+    for res in results:
+        wn = res["weight_norm"]
+        torch.testing.assert_close(wn["first"], wn["first_own"], rtol=1e-5, atol=1e-6)  # no previous step yet
+        assert wn["mean_weight"] == pytest.approx(wn["mean0"], rel=1e-6)
+        torch.testing.assert_close(wn["got"], wn["want"], rtol=1e-5, atol=1e-6)
+        assert abs(float(wn["got"] - wn["own"])) > 1e-3 * float(wn["own"])  # what dividing by its own mean gives
 
 
 def test_mtp_is_refused(runs):
@@ -207,11 +277,24 @@ def _args(**kw):
 def test_configure_turns_eaft_on_and_off():
     from eaft_plugins.integrations.swift import megatron as swift_megatron
 
-    opts = swift_megatron.configure(_args(loss_type="eaft", eaft_topk="full", eaft_alpha=0.5, eaft_gate="hard"))
-    assert swift_megatron.enabled_options() == opts
+    config = swift_megatron.configure(_args(loss_type="eaft", eaft_topk="full", eaft_alpha=0.5, eaft_gate="hard"))
+    opts = config.options
     assert (opts.topk, opts.alpha, opts.gate) == (None, 0.5, "hard")
     assert swift_megatron.configure(_args(loss_type=None)) is None
-    assert swift_megatron.enabled_options() is None
+
+
+def test_the_trainer_run_needs_the_parsed_config():
+    """No module state: the trainer builds its run from the parsed arguments, and refuses when they were not parsed."""
+    from eaft_plugins.integrations.swift import megatron as swift_megatron
+
+    model = types.SimpleNamespace()
+    trainer = types.SimpleNamespace(args=_args(loss_type="eaft"))
+    with pytest.raises(RuntimeError, match="did not parse the EAFT settings"):
+        swift_megatron.bind(trainer, [model])
+    trainer.args.eaft_config = swift_megatron.configure(_args(loss_type="eaft", eaft_topk="7"))
+    run = swift_megatron.bind(trainer, [model], group="dp")
+    assert model.eaft_run is run and trainer._eaft is run and run.options.topk == 7 and run.group == "dp"
+    assert swift_megatron.bind(types.SimpleNamespace(args=_args(loss_type=None)), [model]) is None
 
 
 @pytest.mark.parametrize(
@@ -235,15 +318,10 @@ def test_configure_refuses(kw, message):
 
 
 def test_topk_above_megatrons_vocabulary_names_the_flag():
-    from eaft_plugins.integrations.swift import megatron as swift_megatron
-
-    swift_megatron.configure(_args(loss_type="eaft", eaft_topk="100"))
-    try:
-        swift_megatron._check_vocab(128)
-        with pytest.raises(ValueError, match=r"^--eaft_topk: topk=100 is larger than the vocabulary \(64\)"):
-            swift_megatron._check_vocab(64)
-    finally:
-        swift_megatron.disable()
+    run = _run(topk=100)
+    run.check_vocab_size(128)
+    with pytest.raises(ValueError, match=r"^--eaft_topk: topk=100 is larger than the vocabulary \(64\)"):
+        run.check_vocab_size(64)
 
 
 def test_megatron_sft_arguments_accept_eaft_flags():

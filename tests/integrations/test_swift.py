@@ -14,9 +14,9 @@ swift_loss = pytest.importorskip("swift.loss", reason="SKIPPED: ms-swift is not 
 
 from eaft_plugins import eaft_loss
 from eaft_plugins.activation import status
-from eaft_plugins.integrations.swift.args import attach, options_from_flags
+from eaft_plugins.integrations.swift.args import SPELLING
 from eaft_plugins.integrations.swift.loss import EAFTLoss
-from eaft_plugins.options import EAFTConfig, EAFTOptions
+from eaft_plugins.options import EAFTConfig, EAFTOptions, config_from_keys
 
 IGNORE = -100
 
@@ -49,6 +49,15 @@ def batch(b=2, t=12, v=64, seed=0):
     labels[:, :4] = IGNORE  # the prompt
     labels[1, 9:] = IGNORE  # right padding
     return logits, labels
+
+
+def attach(training_args, config):
+    """What `swift sft` does after parsing: the validated config on the trainer's arguments."""
+    training_args.eaft_config = config
+
+
+def options_from_flags(flags):
+    return config_from_keys(flags, SPELLING).options
 
 
 def swift_loss_scale(loss_scale):
@@ -119,26 +128,63 @@ def test_rlhf_with_eaft_flags_is_refused_without_suggesting_loss_type():
 
 
 def test_quoted_booleans_are_parsed():
-    from eaft_plugins.integrations.swift.args import config_from_flags
-
-    config = config_from_flags({"eaft_fused": "false", "eaft_log_metrics": "FALSE"})
+    config = config_from_keys({"eaft_fused": "false", "eaft_log_metrics": "FALSE"}, SPELLING)
     assert config.fused is False and config.log_metrics is False
-    assert config_from_flags({"eaft_fused": "1"}).fused is True
+    assert config_from_keys({"eaft_fused": "1"}, SPELLING).fused is True
     with pytest.raises(ValueError, match=r"^--eaft_fused 'off' is invalid: must be true or false"):
-        config_from_flags({"eaft_fused": "off"})
+        config_from_keys({"eaft_fused": "off"}, SPELLING)
 
 
 @pytest.mark.parametrize(
     "extra, message",
     [
         (["--enable_dft_loss", "true"], "--enable_dft_loss"),
-        (["--sequence_parallel_size", "2"], "does not support sequence parallel"),
+        (["--sequence_parallel_size", "2"], "does not support --sequence_parallel_size 2"),
         (["--label_smoothing_factor", "0.1"], "--label_smoothing_factor 0"),
     ],
 )
 def test_refused_combinations(extra, message):
     with pytest.raises(ValueError, match=message):
         parse(["--loss_type", "eaft", *extra])
+
+
+def test_the_eaft_forks_flag_means_loss_type_eaft_with_its_normalisation(smollm2_dir, tmp_path):
+    """`--enable_eaft_loss true --eaft_alpha A`, as the paper's own ms-swift fork spells it: top-20 entropy / 3.0."""
+    args, _ = parse_real(smollm2_dir, tmp_path, ["--enable_eaft_loss", "true", "--eaft_alpha", "0.5"])
+    assert args.loss_type == "eaft" and args.training_args.loss_type == "eaft"
+    assert args.training_args.eaft_config.options == EAFTOptions(topk=20, alpha=0.5, entropy_norm="upstream")
+    args, _ = parse_real(smollm2_dir, tmp_path, ["--enable_eaft_loss", "TRUE", "--eaft_entropy_norm", "ln_k"])
+    assert args.eaft_config.options.entropy_norm == "ln_k"  # an explicit choice is kept
+    args, _ = parse_real(smollm2_dir, tmp_path, ["--enable_eaft_loss", "true", "--loss_type", "eaft"])
+    assert args.eaft_config.options.entropy_norm == "upstream"
+    with pytest.raises(ValueError, match=r"--enable_eaft_loss true .* with --loss_type cross_entropy: both choose"):
+        parse(["--enable_eaft_loss", "true", "--loss_type", "cross_entropy"])
+    with pytest.raises(ValueError, match=r"--eaft_alpha set but --loss_type is None"):
+        parse(["--enable_eaft_loss", "false", "--eaft_alpha", "0.5"])
+    with pytest.raises(ValueError, match=r"--enable_eaft_loss 'perhaps' is invalid"):
+        parse(["--enable_eaft_loss", "perhaps"])
+
+
+def test_an_ms_swift_with_its_own_eaft_flag_runs_its_own_never_both(capsys):
+    import dataclasses
+
+    from eaft_plugins.integrations.swift.args import check_arguments, extend_sft_arguments
+
+    @dataclasses.dataclass
+    class FutureArgs:  # an ms-swift release that defines --enable_eaft_loss itself
+        loss_type: str = None
+        enable_eaft_loss: bool = False
+
+        def __post_init__(self):
+            pass
+
+    extend_sft_arguments(FutureArgs, check=check_arguments)
+    assert dataclasses.fields(FutureArgs)[1].default is False  # upstream's field kept as it is
+    own = FutureArgs(enable_eaft_loss=True)
+    assert own.loss_type is None and own.eaft_config is None  # ms-swift's own EAFT: eaft-plugins stays out
+    assert "ms-swift's own EAFT runs" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="EAFT would be applied twice"):
+        FutureArgs(enable_eaft_loss=True, loss_type="eaft")
 
 
 def test_flag_values_become_options():
@@ -213,9 +259,9 @@ def parse_real(smollm2_dir, tmp_path, argv):
 
 
 def test_fused_flag_reaches_the_trainer_args_not_the_options(smollm2_dir, tmp_path):
-    from eaft_plugins.integrations.swift.args import FLAGS, OPTION_FLAGS
+    from eaft_plugins.options import SETTINGS_BY_KEY
 
-    assert "eaft_fused" in FLAGS and "eaft_fused" not in OPTION_FLAGS
+    assert SETTINGS_BY_KEY["eaft_fused"].trainer
     args, _ = parse_real(smollm2_dir, tmp_path, ["--loss_type", "eaft", "--eaft_fused", "true", "--eaft_topk", "7"])
     assert args.training_args.eaft_config.fused is True
     assert args.training_args.eaft_config.options == EAFTOptions(topk=7)
@@ -235,7 +281,7 @@ def test_liger_without_fused_is_refused_naming_both_ways_out():
     with pytest.raises(ValueError) as err:
         parse(["--loss_type", "eaft", "--use_liger_kernel", "true"])
     assert "--use_liger_kernel" in str(err.value)
-    assert "Add --eaft_fused true" in str(err.value) and "or drop --use_liger_kernel" in str(err.value)
+    assert "Set --eaft_fused true" in str(err.value) and "or --use_liger_kernel false" in str(err.value)
 
 
 def test_liger_with_fused_passes_the_eaft_checks(smollm2_dir, tmp_path):

@@ -95,9 +95,6 @@ def test_repro_quick(repro_dir, smollm2_dir):
 
 @pytest.mark.e2e
 def test_repro_controls_quick(repro_dir, smollm2_dir):
-    if not repro.plugin_available():
-        pytest.skip("SKIPPED: --controls needs eaft_plugins/integrations/llamafactory/__init__.py (eaft_gate, eaft_weight_norm, "
-                    "eaft/weight logging), which is not installed here")
     # Reuses the cached sft/eaft runs of test_repro_quick when both run (same --out).
     res, _ = _run(repro_dir, "--controls")
     arms = {f"lr=0.0002 {a}" for a in repro.CONTROL_ARMS}

@@ -17,77 +17,57 @@ Megatron (`megatron sft`) is wired by `.megatron` (docs/megatron.md).
 
 from __future__ import annotations
 
-import functools
+import importlib
 import sys
 
-from ... import _bootstrap
-from ...activation import guarded, record_error, record_patch
-from .args import LOSS_TYPE
+from ...activation import guarded, record_patch
+from ...hooks import when_imported
+from .. import adapter
+from .args import SPELLING
 
 NAME = "swift"
 # The modules whose import applies the patches (`import swift` alone is lazy and patches nothing yet).
 DOCTOR_IMPORTS = ("swift.loss.mapping", "swift.arguments.sft_args", "swift.trainers.seq2seq_trainer")
 
 
-_deferred_mapping = None
-
-
 def _register_loss(mapping) -> None:
-    global _deferred_mapping
-    ours = sys.modules.get(f"{__name__}.loss")
-    if ours is not None and not hasattr(ours, "EAFTLoss"):
-        # Our .loss is importing swift.loss right now (it was imported first): it registers at its end.
-        _deferred_mapping = mapping
-        return
-    from .loss import EAFTLoss
-
-    existing = mapping.loss_map.get(LOSS_TYPE)
-    if existing is not None and existing is not EAFTLoss:
-        record_error(NAME, f"swift.loss.mapping.loss_map[{LOSS_TYPE!r}] already holds {existing!r}; left as is")
-        return
-    mapping.loss_map[LOSS_TYPE] = EAFTLoss
-    record_patch(NAME, f"swift.loss.mapping.loss_map[{LOSS_TYPE!r}] = EAFTLoss")
-
-
-def register_deferred() -> None:
-    """Called at the end of .loss: the registration that had to wait for EAFTLoss."""
-    global _deferred_mapping
-    mapping, _deferred_mapping = _deferred_mapping, None
-    if mapping is not None:
-        _guarded("registering loss_map['eaft']", _register_loss)(mapping)
+    """Importing our .loss registers loss_map['eaft'] (at its end, once EAFTLoss exists). When .loss is being
+    imported right now (its `import swift.loss` loaded this mapping), it registers itself when it finishes."""
+    name = f"{__name__}.loss"
+    if name not in sys.modules:
+        importlib.import_module(name)
 
 
 def _extend_arguments(sft_args) -> None:
-    from .args import FLAGS, extend_sft_arguments
+    from .args import extend_sft_arguments
 
-    extend_sft_arguments(sft_args.SftArguments)
-    record_patch(NAME, f"swift.arguments.SftArguments: --{' --'.join(FLAGS)}")
+    from ...options import USER_SETTINGS
+
+    if extend_sft_arguments(sft_args.SftArguments):
+        flags = " ".join(f"--{s.key}" for s in USER_SETTINGS)
+        record_patch(NAME, f"swift.arguments.SftArguments: {flags}, --enable_eaft_loss")
 
 
 def _patch_trainer(seq2seq_trainer) -> None:
-    cls = seq2seq_trainer.Seq2SeqTrainer
-    if cls.__dict__.get("_eaft_plugins", False):
-        return
-    original = cls.__init__
+    def make(original):
+        def __init__(self, *args, **kwargs):
+            original(self, *args, **kwargs)
+            from .loss import EAFTLoss
 
-    @functools.wraps(original)
-    def __init__(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        from .loss import EAFTLoss
+            loss = getattr(self, "compute_loss_func", None)
+            if isinstance(loss, EAFTLoss):
+                loss.bind_trainer(self)  # top-K vs vocabulary; with --eaft_fused, the fused forward
+            probe = getattr(self.args, "retention_probe", None)
+            if probe is not None:  # any --loss_type (handed over by swift/args.py)
+                from ...retention import keys as retention_keys
 
-        loss = getattr(self, "compute_loss_func", None)
-        if isinstance(loss, EAFTLoss):
-            loss.bind_trainer(self)  # top-K vs vocabulary; with --eaft_fused, the fused forward
-        probe = getattr(self.args, "retention_probe", None)
-        if probe is not None:  # any --loss_type (handed over by swift/args.py)
-            from ...retention import keys as retention_keys
+                retention_keys.attach(self, probe, getattr(self.args, "retention_steps", None), SPELLING)
 
-            retention_keys.attach(self, probe, getattr(self.args, "retention_steps", None), "--{key}")
+        return __init__
 
-    cls.__init__ = __init__
-    cls._eaft_plugins = True
-    record_patch(NAME, "swift.trainers.Seq2SeqTrainer.__init__: EAFT loss bound to the model (--eaft_topk check, "
-                       "--eaft_fused), --retention_probe monitor")
+    if adapter.patch_method(seq2seq_trainer.Seq2SeqTrainer, "__init__", make):
+        record_patch(NAME, "swift.trainers.Seq2SeqTrainer.__init__: EAFT loss bound to the model (--eaft_topk "
+                           "check, --eaft_fused), --retention_probe monitor")
 
 
 def runtime_problems() -> list:
@@ -109,9 +89,9 @@ def _guarded(what, callback):
 
 
 def activate() -> None:
-    _bootstrap.when_imported("swift.loss.mapping", _guarded("registering loss_map['eaft']", _register_loss))
-    _bootstrap.when_imported("swift.arguments.sft_args", _guarded("adding --eaft_* flags", _extend_arguments))
-    _bootstrap.when_imported("swift.trainers.seq2seq_trainer", _guarded("hooking Seq2SeqTrainer for --eaft_fused", _patch_trainer))
+    when_imported("swift.loss.mapping", _guarded("registering loss_map['eaft']", _register_loss))
+    when_imported("swift.arguments.sft_args", _guarded("adding --eaft_* flags", _extend_arguments))
+    when_imported("swift.trainers.seq2seq_trainer", _guarded("hooking Seq2SeqTrainer for --eaft_fused", _patch_trainer))
     from . import megatron
 
     megatron.activate()

@@ -7,98 +7,84 @@ RLHFArguments subclass it), so the CLI, YAML configs, args.json and the Python A
 (`SftArguments(..., eaft_topk=10)`) all see them. Every field defaults to None ("not set"), so
 a flag given without `--loss_type eaft` is an error even when its value equals the default.
 
+`--enable_eaft_loss true [--eaft_alpha A]` is the spelling of the paper's own ms-swift fork: it means
+`--loss_type eaft` with the fork's normalisation (top-20 entropy / 3.0, `--eaft_entropy_norm upstream`).
+
 The trainer is built from a separate TrainingArguments copy that drops unknown fields, so the
 validated EAFTConfig travels to the loss as `args.training_args.eaft_config`.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+import sys
+from typing import Optional
 
-from ..fields import add_fields
+from ...options import KEYS, EAFTConfig, Spelling, config_from_keys, parse_bool
 from ...retention import keys as retention_keys
-from ...options import SETTINGS, EAFTConfig, EAFTOptions, Spelling, config_from_keys
+from .. import adapter
 
 LOSS_TYPE = "eaft"
-SPELLING = Spelling("--{key}", "--{key} {value}")
-
-# flag -> (type, help), from the option schema. Every flag defaults to None: "not given".
-FLAGS = {s.key: (s.field_type, f"EAFT: {s.help} (default {s.default_text})") for s in SETTINGS}
-TRAINER_FLAGS = tuple(s.key for s in SETTINGS if s.trainer)  # handed to the trainer, not EAFTOptions fields
-OPTION_FLAGS = [f for f in FLAGS if f not in TRAINER_FLAGS]
+SPELLING = Spelling("--{key}", "--{key} {value}", f"--loss_type {LOSS_TYPE}")
+FORK_FLAG = "enable_eaft_loss"  # the paper's fork
+FORK_ENTROPY_NORM = "upstream"  # the fork divides the top-20 entropy by 3.0, as LLaMA-Factory 0.9.5 does
 
 
-def given_flags(args) -> Dict[str, object]:
-    """The --eaft_* flags that were set (not None) on an arguments object."""
-    return {f: getattr(args, f, None) for f in FLAGS if getattr(args, f, None) is not None}
-
-
-def config_from_flags(flags: Dict[str, object]) -> EAFTConfig:
-    """Validated EAFTConfig from --eaft_* values; a bad value raises ValueError naming its flag."""
-    return config_from_keys({flag[len("eaft_"):]: value for flag, value in flags.items()}, SPELLING)
-
-
-def options_from_flags(flags: Dict[str, object]) -> EAFTOptions:
-    return config_from_flags(flags).options
+def resolve_fork_flag(args) -> None:
+    """`--enable_eaft_loss true` -> `--loss_type eaft` (+ the fork's normalisation unless given). Refused with
+    another --loss_type. When ms-swift defines the flag itself, its own EAFT runs (said once), never both."""
+    value = getattr(args, FORK_FLAG, None)
+    if value is None or not parse_bool(value, f"--{FORK_FLAG}"):
+        return
+    loss_type = getattr(args, "loss_type", None)
+    if FORK_FLAG in getattr(type(args), "__eaft_upstream__", ()):
+        if loss_type == LOSS_TYPE:
+            raise ValueError(f"--{FORK_FLAG} true (ms-swift's own EAFT) with --loss_type {LOSS_TYPE} (eaft-plugins): "
+                             "EAFT would be applied twice; keep one")
+        print(f"[eaft-plugins] --{FORK_FLAG} true: ms-swift's own EAFT runs, not eaft-plugins' (use --loss_type "
+              f"{LOSS_TYPE} for the latter)", file=sys.stderr)
+        return
+    if loss_type not in (None, LOSS_TYPE):
+        raise ValueError(f"--{FORK_FLAG} true (the EAFT fork's flag) with --loss_type {loss_type}: both choose the "
+                         f"loss; drop one (--{FORK_FLAG} true means --loss_type {LOSS_TYPE})")
+    args.loss_type = LOSS_TYPE
+    if getattr(args, "eaft_entropy_norm", None) is None:
+        args.eaft_entropy_norm = FORK_ENTROPY_NORM
 
 
 def check_arguments(args) -> Optional[EAFTConfig]:
     """Refuse settings under which EAFT would not be applied; return the config (None: EAFT off)."""
-    flags = given_flags(args)
+    resolve_fork_flag(args)
+    given = adapter.given_keys(args)
     loss_type = getattr(args, "loss_type", None)
     rlhf_type = getattr(args, "rlhf_type", None)
-    if rlhf_type is not None and (loss_type == LOSS_TYPE or flags):
-        given = [f"--loss_type {LOSS_TYPE}"] if loss_type == LOSS_TYPE else []
-        raise ValueError(f"{', '.join(given + ['--' + f for f in flags])}: EAFT is for `swift sft` / `swift pt`, "
-                         f"not rlhf (--rlhf_type {rlhf_type}); drop the EAFT flags.")
+    if rlhf_type is not None and (loss_type == LOSS_TYPE or given):
+        shown = [f"--loss_type {LOSS_TYPE}"] if loss_type == LOSS_TYPE else []
+        raise ValueError(f"{', '.join(shown + [SPELLING.shown(k) for k in given])}: EAFT is for `swift sft` / "
+                         f"`swift pt`, not rlhf (--rlhf_type {rlhf_type}); drop the EAFT flags.")
     if loss_type != LOSS_TYPE:
-        if flags:
-            raise ValueError(
-                f"{', '.join('--' + f for f in flags)} set but --loss_type is {loss_type!r}: "
-                f"EAFT options only apply with --loss_type {LOSS_TYPE}. Add --loss_type {LOSS_TYPE} or drop them."
-            )
+        adapter.refuse_keys_without_eaft(given, SPELLING, f"--loss_type is {loss_type!r}")
         return None
-    if getattr(args, "enable_dft_loss", False):
-        raise ValueError(f"--loss_type {LOSS_TYPE} with --enable_dft_loss: both replace the loss; use one of the two.")
-    if (getattr(args, "label_smoothing_factor", 0) or 0) > 0:
-        raise ValueError(
-            f"--loss_type {LOSS_TYPE} with --label_smoothing_factor > 0: ms-swift skips label smoothing when a "
-            "loss_type is set; set --label_smoothing_factor 0."
-        )
-    if (getattr(args, "sequence_parallel_size", 1) or 1) > 1:
-        raise ValueError(
-            f"--loss_type {LOSS_TYPE} does not support sequence parallel (--sequence_parallel_size "
-            f"{args.sequence_parallel_size}); set --sequence_parallel_size 1."
-        )
-    config = config_from_flags(flags)
-    fused = config.fused
-    if getattr(args, "use_liger_kernel", False) and not fused:
-        # Without --eaft_fused, ms-swift pops the labels before the forward (a loss_type is set), so
-        # Liger's fused linear cross-entropy never runs: the full logits are built anyway, and Liger's
-        # loss-only evaluation (skip_logits=True without labels) fails.
-        raise ValueError(
-            f"--loss_type {LOSS_TYPE} with --use_liger_kernel: the dense EAFT loss needs the full logits, which "
-            "Liger's fused cross-entropy exists to avoid (its memory saving would be lost and its evaluation "
-            "fails). Add --eaft_fused true (fused EAFT from the hidden states and the LM head; Liger's other "
-            "kernels stay) or drop --use_liger_kernel."
-        )
-    if fused and getattr(args, "enable_channel_loss", False):
-        raise ValueError(
-            "--eaft_fused true with --enable_channel_loss: the per-channel losses need per-token losses from the "
-            "logits, which the fused path never builds; drop one of the two."
-        )
+    config = config_from_keys({k: getattr(args, k, None) for k in KEYS}, SPELLING)
+    # Without --eaft_fused, ms-swift pops the labels before the forward (a loss_type is set), so Liger's fused
+    # linear cross-entropy never runs: the full logits are built anyway, and its loss-only evaluation fails.
+    adapter.refuse(SPELLING, observed(args), config.fused)
     return config
 
 
-def attach(training_args, config: EAFTConfig) -> None:
-    """Hand the validated config to the trainer's arguments (read back by the loss)."""
-    training_args.eaft_config = config
+def observed(args, sequence_parallel_size=None) -> list:
+    """ms-swift's keys that the refusal table (adapter.REFUSALS) looks at."""
+    size = sequence_parallel_size if sequence_parallel_size is not None else getattr(args, "sequence_parallel_size", 1)
+    return [("other_loss", "enable_dft_loss", getattr(args, "enable_dft_loss", False)),
+            ("label_smoothing", "label_smoothing_factor", getattr(args, "label_smoothing_factor", 0)),
+            ("parallel", "sequence_parallel_size", size),
+            ("liger", "use_liger_kernel", getattr(args, "use_liger_kernel", False)),
+            ("channel_loss", "enable_channel_loss", getattr(args, "enable_channel_loss", False))]
 
 
 def check_retention(args) -> bool:
     """--retention_probe / --retention_steps (any --loss_type): validated here; True when the monitor is on."""
     on = retention_keys.check_keys(getattr(args, "retention_probe", None), getattr(args, "retention_steps", None),
-                                   "--{key}")
+                                   SPELLING)
     if on and type(args).__name__.startswith("Megatron"):
         raise ValueError("--retention_probe is not supported by `megatron sft` (the monitor runs on the transformers "
                          "Trainer of `swift sft`); drop it, or measure retention afterwards with eaft-repro "
@@ -109,24 +95,31 @@ def check_retention(args) -> bool:
     return on
 
 
-def extend_sft_arguments(cls) -> None:
-    """Add the FLAGS (and the retention flags) as dataclass fields of `cls` (in place), validated in __post_init__."""
-    add_fields(cls, retention_keys.FIELDS)
-    if not add_fields(cls, FLAGS):
-        return
+def extend_sft_arguments(cls, check=check_arguments) -> bool:
+    """Our flags (EAFT, retention, the fork's --enable_eaft_loss) as fields of `cls` (in place), checked in
+    __post_init__ by `check` (before ms-swift's own, slower set-up); the config is handed to the trainer's copy."""
+    have = {name for name in getattr(cls, "__dataclass_fields__", {})}
+    extra = {} if FORK_FLAG in have else {FORK_FLAG: (Optional[str], f"the EAFT fork's spelling of --loss_type "
+                                                      f"{LOSS_TYPE} (top-20 entropy / 3.0): true or false")}
+    if FORK_FLAG in have:
+        cls.__eaft_upstream__ = (FORK_FLAG,)
+    if not adapter.add_setting_fields(cls, SPELLING, extra=extra, framework="ms-swift"):
+        return False
 
-    original = cls.__post_init__
+    def make(original):
+        def __post_init__(self, *a, **kw):
+            config = check(self)  # before the slow part: bad flags fail fast
+            retention = check_retention(self)
+            original(self, *a, **kw)
+            training_args = getattr(self, "training_args", None)
+            if training_args is not None:  # the trainer's TrainingArguments copy drops unknown fields: hand over
+                training_args.eaft_config = config
+                if retention:
+                    training_args.retention_probe = self.retention_probe
+                    training_args.retention_steps = self.retention_steps
+            self.eaft_config = config
 
-    def __post_init__(self, *a, **kw):
-        config = check_arguments(self)  # before the slow part: bad flags fail fast
-        retention = check_retention(self)
-        original(self, *a, **kw)
-        if config is not None and getattr(self, "training_args", None) is not None:
-            attach(self.training_args, config)
-        if retention and getattr(self, "training_args", None) is not None:
-            # the trainer's TrainingArguments copy drops unknown fields: hand the two over
-            self.training_args.retention_probe = self.retention_probe
-            self.training_args.retention_steps = self.retention_steps
+        return __post_init__
 
-    __post_init__.__wrapped__ = original
-    cls.__post_init__ = __post_init__
+    adapter.patch_method(cls, "__post_init__", make)
+    return True

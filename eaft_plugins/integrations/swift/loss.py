@@ -16,12 +16,15 @@ and the LM head and no logits are built (see `_FusedComputeLoss`).
 
 from __future__ import annotations
 
+import sys
+
 from swift.loss.base import BaseLoss
 
+from ...activation import record_error, record_patch
 from ...ops.common import shift_labels
-from ...options import EAFTConfig
 from ...run import EAFTRun, metric_names, metric_values
-from .args import LOSS_TYPE, SPELLING
+from .. import adapter
+from .args import LOSS_TYPE, SPELLING, observed
 
 METRIC_KEYS = metric_names("train")
 
@@ -37,17 +40,15 @@ class EAFTLoss(BaseLoss):
         super().__init__(args, trainer)
         if self.is_megatron:
             raise ValueError("this EAFT loss is for `swift sft`; `megatron sft` has its own wiring (docs/megatron.md)")
-        self.run = EAFTRun(getattr(args, "eaft_config", None) or EAFTConfig(), SPELLING)
+        self.run = adapter.run_for(args, SPELLING)
         self.fused_requested = self.run.config.fused
         self.run.router_aux = False  # ms-swift adds its router loss itself (dense) / _FusedComputeLoss (fused)
-        self._keep_logits = False
-        self._forward = None
         if trainer is None:
             return
         task_type = getattr(trainer, "task_type", "causal_lm")
         if task_type != "causal_lm":
             raise ValueError(f"--loss_type {LOSS_TYPE} needs --task_type causal_lm, got {task_type!r}")
-        _check_sequence_parallel(trainer)
+        _check_sequence_parallel(trainer, self.fused_requested, args)
         if self.log_metrics:
             for mode in ("train", "eval"):
                 log = _MetricLog(self.run, mode, args)
@@ -63,13 +64,13 @@ class EAFTLoss(BaseLoss):
         trainer = kwargs.get("trainer") or self.trainer
         if self.fused_requested and trainer is not None:
             raise RuntimeError(
-                "--eaft_fused true is set, but the trainer computed the loss from the logits: the fused EAFT path "
-                "was not installed on this trainer (run `python -m eaft_plugins doctor`); never falling back "
-                "to the dense loss silently. Drop --eaft_fused or fix the installation."
+                f"{SPELLING.assign('eaft_fused', True)} is set, but the trainer computed the loss from the logits: "
+                "the fused EAFT path was not installed on this trainer (run `python -m eaft_plugins doctor`); never "
+                f"falling back to the dense loss silently. Drop {SPELLING.shown('eaft_fused')} or fix the installation."
             )
         logits = getattr(outputs, "logits", outputs)
         if trainer is not None:
-            _check_sequence_parallel(trainer)
+            _check_sequence_parallel(trainer, False)
         labels = shift_labels(labels, self.options.ignore_index)
         token_scale = None if loss_scale is None else loss_scale.reshape(labels.shape)  # already shifted
         training = trainer is not None and trainer.model.training
@@ -86,37 +87,18 @@ class EAFTLoss(BaseLoss):
         self.run.check_vocab(trainer.model)
         if not self.fused_requested or self.fused is not None:
             return
-        args = trainer.args
-        if getattr(args, "enable_channel_loss", False):
-            raise ValueError(
-                "--eaft_fused true with --enable_channel_loss: the per-channel losses need per-token losses from "
-                "the logits, which the fused path never builds; drop one of the two."
-            )
-        _check_sequence_parallel(trainer)
+        _check_sequence_parallel(trainer, True)  # and the channel loss, which needs the logits
         from swift.template import Template
 
         own = getattr(type(trainer.template), "compute_sft_loss", None)
         if own is not None and own is not Template.compute_sft_loss:
             raise ValueError(
-                f"--eaft_fused true: the template {type(trainer.template).__name__} computes its own loss "
-                "(compute_sft_loss), which the fused path would bypass; drop --eaft_fused."
+                f"{SPELLING.assign('eaft_fused', True)}: the template {type(trainer.template).__name__} computes its "
+                f"own loss (compute_sft_loss), which the fused path would bypass; drop {SPELLING.shown('eaft_fused')}."
             )
         # Logits only where an eval metric consumes them (under no_grad), never for training.
-        self._keep_logits = trainer.compute_metrics is not None
-        self._patch(trainer.model)
+        self.run.patch_fused(trainer.model, keep_logits=trainer.compute_metrics is not None)
         trainer.compute_loss = _FusedComputeLoss(self, trainer)
-
-    def _patch(self, model):
-        self.run.patch_fused(model, keep_logits=self._keep_logits)
-        self._forward = self.fused.model.__dict__["forward"]
-
-    def _fused_handle(self):
-        """The handle, re-patching the model if its forward was replaced since (Liger's instance-level
-        patch, applied by Trainer.train() after __init__, does that): the fused forward always wins."""
-        lm = self.fused.model
-        if lm.__dict__.get("forward") is not self._forward or lm.__dict__.get("eaft_fused") is not self.fused:
-            self._patch(lm)
-        return self.fused
 
 
 class _FusedComputeLoss:
@@ -142,15 +124,12 @@ class _FusedComputeLoss:
         inputs.pop("channel", None)
         inputs.pop("skip_logits", None)  # Trainer.prediction_step's Liger flag: this forward never builds logits anyway
         labels = inputs.pop("labels", None)
-        if labels is None:
-            raise ValueError("--eaft_fused true: the batch has no labels, so the model would compute no EAFT loss")
-        _check_sequence_parallel(trainer)
-        eaft._fused_handle()
+        _check_sequence_parallel(trainer, True)
         training = trainer.model.training
         mode = "train" if training else "eval"
-        eaft.run.begin_fused(training, trainer.state.global_step, labels.device)
-        outputs = model(**inputs, labels=labels, num_items_in_batch=num_items_in_batch, eaft_token_scale=loss_scale)
-        eaft.run.end_fused(training)
+        outputs = eaft.run.fused_forward(
+            training, trainer.state.global_step, None if labels is None else labels.device, labels,
+            lambda: model(**inputs, labels=labels, num_items_in_batch=num_items_in_batch, eaft_token_scale=loss_scale))
         if getattr(outputs, "aux_loss", None) is not None:
             trainer.custom_metrics[mode]["aux_loss"].update(outputs.aux_loss)
         if getattr(trainer.args, "past_index", -1) >= 0:
@@ -175,14 +154,12 @@ class _FusedComputeLoss:
         return (loss, outputs) if return_outputs else loss
 
 
-def _check_sequence_parallel(trainer) -> None:
-    template = getattr(trainer, "template", None)
-    size = getattr(template, "sequence_parallel_size", 1) or 1
-    if size > 1:
-        raise ValueError(
-            f"--loss_type {LOSS_TYPE} does not support sequence parallel (sequence_parallel_size={size}); "
-            "set --sequence_parallel_size 1."
-        )
+def _check_sequence_parallel(trainer, fused: bool, args=None) -> None:
+    """What the trainer really runs (its template's sequence parallel size), through the refusal table."""
+    size = getattr(getattr(trainer, "template", None), "sequence_parallel_size", 1) or 1
+    args = args if args is not None else trainer.args
+    adapter.refuse(SPELLING, [entry for entry in observed(args, size) if entry[0] in ("parallel", "channel_loss")],
+                   fused)
 
 
 class _MetricLog:
@@ -218,6 +195,14 @@ class _Metric:
         pass
 
 
-from . import register_deferred  # noqa: E402  (after EAFTLoss exists)
+def register(mapping) -> None:
+    """loss_map['eaft'] = EAFTLoss, unless something else holds that name (recorded, left as is)."""
+    existing = mapping.loss_map.get(LOSS_TYPE)
+    if existing is not None and existing is not EAFTLoss:
+        record_error("swift", f"swift.loss.mapping.loss_map[{LOSS_TYPE!r}] already holds {existing!r}; left as is")
+        return
+    mapping.loss_map[LOSS_TYPE] = EAFTLoss
+    record_patch("swift", f"swift.loss.mapping.loss_map[{LOSS_TYPE!r}] = EAFTLoss")
 
-register_deferred()
+
+register(sys.modules["swift.loss.mapping"])  # imported by `swift.loss.base` above

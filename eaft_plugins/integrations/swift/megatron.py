@@ -6,65 +6,38 @@ last pipeline stage, with vocab-parallel logits [s, b, V/tp] (sequence-parallel 
 gathered; with context parallel each CP rank holds its own slice of the sequence), and the
 trainer's `loss_func` only masks, applies DFT / loss_scale and sums. So EAFT goes exactly there:
 
-* `megatron.core...language_module.LanguageModule.compute_language_model_loss` is wrapped: with
-  EAFT on it returns the per-token w_t * ce_t from `vocab_parallel_eaft_loss` over the
-  tensor-parallel group (exact global top-K, O(K*tp) values exchanged per token) instead of
-  Megatron's CE kernel. Both CE paths (unfused and `--cross_entropy_loss_fusion`, native or TE)
-  are replaced, so Megatron's in-place fp32 CE never runs on the logits EAFT reads.
+* `megatron.core...language_module.LanguageModule.compute_language_model_loss` is wrapped: for a model
+  that carries an EAFTRun (`model.eaft_run`, set by the trainer) it returns the per-token w_t * ce_t from
+  `vocab_parallel_eaft_loss` over the tensor-parallel group (exact global top-K, O(K*tp) values exchanged
+  per token) instead of Megatron's CE kernel. Both CE paths (unfused and `--cross_entropy_loss_fusion`,
+  native or TE) are replaced, so Megatron's in-place fp32 CE never runs on the logits EAFT reads.
 * `swift.megatron.arguments.sft_args.MegatronSftArguments` gets the same `--eaft_*` flags as
   `swift sft` (.args) and refuses combinations where EAFT would not apply.
-* `swift.megatron.trainers.trainer.MegatronTrainer.loss_func` adds eaft/* metrics.
+* `swift.megatron.trainers.trainer.MegatronTrainer`: its __init__ builds the trainer's EAFTRun (the one
+  trainer core of every framework) and gives it to each model chunk; `train_step` tells it the step (the
+  weight_norm divisor is the previous step's global mean, as everywhere); `loss_func` adds eaft/* metrics.
 
 Per-token weights only need the token's own logits, so pipeline parallel (loss on the last
-stage only) and context parallel (each CP rank weights its own tokens) need nothing more.
+stage only) and context parallel (each CP rank weights its own tokens) need nothing more. The run's
+collectives go over the data-parallel (with context-parallel) group: the statistics are the same on
+every tensor-parallel rank, and only the last pipeline stage computes them.
 """
 
 from __future__ import annotations
 
-import functools
-import sys
 from typing import Optional
 
-from ... import _bootstrap
-from ...activation import record_error, record_patch
-from ...options import EAFTConfig, EAFTOptions, make_options
-from ...run import EAFTRun, metric_names
-from ...stats import EAFTStats
+from ...hooks import when_imported
+from ...activation import guarded, record_patch
+from ...options import EAFTConfig
+from ...run import EAFTRun, metric_pairs
+from .. import adapter
+from .args import LOSS_TYPE, SPELLING, check_arguments, extend_sft_arguments
 
 NAME = "swift"
 LANGUAGE_MODULE = "megatron.core.models.common.language_module.language_module"
 MEGATRON_SFT_ARGS = "swift.megatron.arguments.sft_args"
 MEGATRON_TRAINER = "swift.megatron.trainers.trainer"
-METRIC_KEYS = metric_names("train")
-
-# Megatron builds the model far from the trainer object, so the process holds the run: set by the
-# parsed arguments (or enable()); None: EAFT off.
-_run: Optional[EAFTRun] = None
-_last_stats: Optional[EAFTStats] = None  # from the model's forward, read by the trainer's loss_func
-
-
-def enable(options=None, log_metrics: bool = True, **overrides) -> EAFTOptions:
-    """Turn EAFT on for every Megatron language-model loss of this process."""
-    global _run
-    from .args import SPELLING
-
-    _run = EAFTRun(EAFTConfig(make_options(options, **overrides), log_metrics=log_metrics), SPELLING)
-    return _run.options
-
-
-def disable() -> None:
-    global _run, _last_stats
-    _run, _last_stats = None, None
-
-
-def enabled_options() -> Optional[EAFTOptions]:
-    return _run.options if _run is not None else None
-
-
-def pop_stats() -> Optional[EAFTStats]:
-    global _last_stats
-    stats, _last_stats = _last_stats, None
-    return stats
 
 
 # ---- the loss -------------------------------------------------------------------------------
@@ -79,61 +52,62 @@ def check_model_config(config) -> None:
         )
 
 
-def _check_vocab(vocab_size) -> None:
-    """The first point where Megatron's (padded) vocabulary size is known: name the flag, not a top-k error."""
-    if vocab_size is not None:
-        _run.check_vocab_size(int(vocab_size))
-
-
-def eaft_language_model_loss(model, labels, logits):
-    """Per-token EAFT loss [b, s] from labels [b, s] and vocab-parallel logits [s, b, V/tp]."""
-    global _last_stats
-    from ...ops.vocab_parallel import vocab_parallel_eaft_loss
-
-    check_model_config(model.config)
-    _check_vocab(getattr(model, "vocab_size", None))
+def tensor_parallel_group(model):
     pg = getattr(model, "pg_collection", None)
     group = getattr(pg, "tp", None) if pg is not None else None
     if group is None:
         from megatron.core import parallel_state
 
         group = parallel_state.get_tensor_model_parallel_group()
+    return group
+
+
+def eaft_language_model_loss(model, run: EAFTRun, labels, logits):
+    """Per-token EAFT loss [b, s] from labels [b, s] and vocab-parallel logits [s, b, V/tp]; statistics to `run`."""
+    from ...ops.vocab_parallel import vocab_parallel_eaft_loss
+
+    check_model_config(model.config)
+    vocab_size = getattr(model, "vocab_size", None)  # Megatron's padded vocabulary: known only here
+    if vocab_size is not None:
+        run.check_vocab_size(int(vocab_size))
+    mean_weight = run.begin(model.training, run.step, logits.device)
     # Megatron's data loader has shifted the labels already.
-    out = vocab_parallel_eaft_loss(logits, labels.transpose(0, 1), group=group, options=_run.options, reduction="none",
-                                   shift=False)
-    _last_stats = out.stats
+    out = vocab_parallel_eaft_loss(logits, labels.transpose(0, 1), group=tensor_parallel_group(model),
+                                   options=run.options, reduction="none", shift=False, mean_weight=mean_weight)
+    run.record(out.stats, model.training)
     return out.loss.transpose(0, 1).contiguous()
 
 
+def attach(models, run: Optional[EAFTRun]) -> None:
+    """Give each model chunk (a LanguageModule) the trainer's run; None turns EAFT off for them."""
+    for model in models:
+        model.eaft_run = run
+
+
 def _patch_language_module(module) -> None:
-    cls = module.LanguageModule
-    original = cls.compute_language_model_loss
-    if getattr(original, "__eaft_original__", None) is not None:
-        return
+    def make(original):
+        def compute_language_model_loss(self, labels, logits, *args, **kwargs):
+            run = getattr(self, "eaft_run", None)
+            if run is None:
+                return original(self, labels, logits, *args, **kwargs)
+            if args or kwargs:
+                raise ValueError(
+                    "EAFT wraps compute_language_model_loss(labels, logits) of megatron-core 0.16; this megatron-core "
+                    f"passes more arguments ({len(args)} positional, {sorted(kwargs)}): unsupported version"
+                )
+            return eaft_language_model_loss(self, run, labels, logits)
 
-    @functools.wraps(original)
-    def compute_language_model_loss(self, labels, logits, *args, **kwargs):
-        if _run is None:
-            return original(self, labels, logits, *args, **kwargs)
-        if args or kwargs:
-            raise ValueError(
-                "EAFT wraps compute_language_model_loss(labels, logits) of megatron-core 0.16; this megatron-core "
-                f"passes more arguments ({len(args)} positional, {sorted(kwargs)}): unsupported version"
-            )
-        return eaft_language_model_loss(self, labels, logits)
+        return compute_language_model_loss
 
-    compute_language_model_loss.__eaft_original__ = original
-    cls.compute_language_model_loss = compute_language_model_loss
-    record_patch(NAME, "megatron: LanguageModule.compute_language_model_loss (vocab-parallel EAFT)")
+    if adapter.patch_method(module.LanguageModule, "compute_language_model_loss", make):
+        record_patch(NAME, "megatron: LanguageModule.compute_language_model_loss (vocab-parallel EAFT)")
 
 
 # ---- arguments ------------------------------------------------------------------------------
 
 
-def configure(args) -> Optional[EAFTOptions]:
-    """Validate `megatron sft/pt` arguments; turn EAFT on (--loss_type eaft) or off. Returns the options."""
-    from .args import LOSS_TYPE, check_arguments
-
+def configure(args) -> Optional[EAFTConfig]:
+    """Validate `megatron sft/pt` arguments; the EAFTConfig (None: EAFT off)."""
     if getattr(args, "loss_type", None) == LOSS_TYPE:
         if getattr(args, "rlhf_type", None) is not None:
             raise ValueError(f"--loss_type {LOSS_TYPE} is for `megatron sft` / `megatron pt`, not `megatron rlhf`.")
@@ -146,97 +120,84 @@ def configure(args) -> Optional[EAFTOptions]:
     if config is not None and config.fused:
         raise ValueError("--eaft_fused is for `swift sft`: `megatron sft` already computes EAFT on the vocab-parallel "
                          "logits shard by shard (docs/megatron.md); drop --eaft_fused.")
-    if config is None:
-        disable()
-        return None
-    return enable(config.options, log_metrics=config.log_metrics)
+    return config
 
 
 def _extend_megatron_arguments(module) -> None:
-    from .args import FLAGS, extend_sft_arguments
-
-    cls = module.MegatronSftArguments
-    extend_sft_arguments(cls)  # the --eaft_* dataclass fields, shared with `swift sft`
-    original = cls.__post_init__
-    if getattr(original, "__eaft_megatron__", False):
-        return
-
-    def __post_init__(self, *a, **kw):
-        configure(self)  # before Megatron's slow initialisation: bad flags fail fast
-        original(self, *a, **kw)
-
-    __post_init__.__eaft_megatron__ = True
-    __post_init__.__wrapped__ = original
-    cls.__post_init__ = __post_init__
-    record_patch(NAME, f"megatron: MegatronSftArguments --loss_type eaft --{' --'.join(FLAGS)}")
+    if extend_sft_arguments(module.MegatronSftArguments, check=configure):
+        record_patch(NAME, "megatron: MegatronSftArguments --loss_type eaft, --eaft_* flags")
 
 
-# ---- trainer metrics ------------------------------------------------------------------------
+# ---- the trainer ----------------------------------------------------------------------------
+
+
+def bind(trainer, models, group=None) -> Optional[EAFTRun]:
+    """The trainer's EAFTRun from its arguments (None when --loss_type is not eaft), given to its model chunks."""
+    args = trainer.args
+    if getattr(args, "loss_type", None) != LOSS_TYPE or getattr(args, "rlhf_type", None) is not None:
+        return None
+    run = adapter.run_for(args, SPELLING)
+    run.group = group
+    attach(models, run)
+    trainer._eaft = run
+    return run
+
+
+def loss_metrics(trainer, result, device):
+    """After MegatronTrainer.loss_func: eaft/* as [sum, tokens] pairs (ms-swift adds them over micro-batches)."""
+    run = getattr(trainer, "_eaft", None)
+    if run is None:
+        return result
+    stats = run.take(trainer.unwrapped_models[0].training, device)  # reduced over the run's group
+    if not run.log_metrics:
+        return result
+    import torch
+
+    loss, num_tokens, metrics = result
+    metrics.update({key: torch.stack([total, tokens]).to(device=device, dtype=torch.float32)
+                    for key, (total, tokens) in metric_pairs(stats).items()})
+    return loss, num_tokens, metrics
 
 
 def _patch_trainer(module) -> None:
+    def make_init(original):
+        def __init__(self, *args, **kwargs):
+            original(self, *args, **kwargs)
+            from megatron.core import mpu
+
+            bind(self, self.unwrapped_models, mpu.get_data_parallel_group(with_context_parallel=True))
+
+        return __init__
+
+    def make_train_step(original):
+        def train_step(self, *args, **kwargs):
+            run = getattr(self, "_eaft", None)
+            if run is not None:
+                run.step = self.state.iteration
+            return original(self, *args, **kwargs)
+
+        return train_step
+
+    def make_loss_func(original):
+        def loss_func(self, output_tensor, *args, **kwargs):
+            return loss_metrics(self, original(self, output_tensor, *args, **kwargs), output_tensor.device)
+
+        return loss_func
+
     cls = module.MegatronTrainer
-    original = cls.loss_func
-    if getattr(original, "__eaft_original__", None) is not None:
-        return
-
-    @functools.wraps(original)
-    def loss_func(self, output_tensor, *args, **kwargs):
-        result = original(self, output_tensor, *args, **kwargs)
-        if _run is None:
-            if getattr(self.args, "loss_type", None) == "eaft" and getattr(self.args, "rlhf_type", None) is None:
-                raise RuntimeError(
-                    "--loss_type eaft is set but EAFT was not enabled (the --eaft_* argument patch did not run); "
-                    "see `python -m eaft_plugins doctor`."
-                )
-            return result
-        stats = pop_stats()
-        if stats is None:
-            raise RuntimeError(
-                "--loss_type eaft is set but the model's forward did not compute the EAFT loss "
-                "(LanguageModule.compute_language_model_loss was not reached); see `python -m eaft_plugins doctor`."
-            )
-        if not _run.log_metrics:
-            return result
-        loss, num_tokens, metrics = result
-        metrics.update(stats_metrics(stats, output_tensor.device))
-        return loss, num_tokens, metrics
-
-    loss_func.__eaft_original__ = original
-    cls.loss_func = loss_func
-    record_patch(NAME, "megatron: MegatronTrainer.loss_func (eaft/* metrics)")
-
-
-def stats_metrics(stats: EAFTStats, device) -> dict:
-    """eaft/* as [sum, tokens] pairs summed over data-parallel x context-parallel ranks.
-
-    ms-swift adds such pairs over micro-batches and logs sum / tokens. The stats are identical on
-    every tensor-parallel rank, so only the data-parallel (with CP) group is reduced.
-    """
-    import torch
-    from megatron.core import mpu
-
-    vec = stats.to_vector().to(device=device, dtype=torch.float32)
-    torch.distributed.all_reduce(vec, group=mpu.get_data_parallel_group(with_context_parallel=True))
-    return {key: torch.stack([vec[i], vec[4]]) for i, key in enumerate(METRIC_KEYS)}
+    patched = [adapter.patch_method(cls, name, make) for name, make in
+               (("__init__", make_init), ("train_step", make_train_step), ("loss_func", make_loss_func))]
+    if any(patched):
+        record_patch(NAME, "megatron: MegatronTrainer (EAFTRun per trainer, eaft/* metrics)")
 
 
 # ---- activation -----------------------------------------------------------------------------
 
 
-def _guarded(what, callback):
-    def run(module):
-        try:
-            callback(module)
-        except Exception as exc:  # never break the user's import; doctor shows it
-            record_error(NAME, f"megatron: {what}: {exc!r}")
-            print(f"[eaft_plugins] megatron: {what} failed: {exc!r}", file=sys.stderr)
-
-    return run
-
-
 def activate() -> None:
     """Arm the hooks; each patch happens when ms-swift / megatron-core imports the module."""
-    _bootstrap.when_imported(LANGUAGE_MODULE, _guarded("wrapping compute_language_model_loss", _patch_language_module))
-    _bootstrap.when_imported(MEGATRON_SFT_ARGS, _guarded("adding --eaft_* to MegatronSftArguments", _extend_megatron_arguments))
-    _bootstrap.when_imported(MEGATRON_TRAINER, _guarded("adding eaft/* metrics", _patch_trainer))
+    when_imported(LANGUAGE_MODULE, guarded(NAME, "megatron: wrapping compute_language_model_loss",
+                                                      _patch_language_module))
+    when_imported(MEGATRON_SFT_ARGS, guarded(NAME, "megatron: adding --eaft_* to MegatronSftArguments",
+                                                        _extend_megatron_arguments))
+    when_imported(MEGATRON_TRAINER, guarded(NAME, "megatron: adding eaft/* metrics", _patch_trainer))

@@ -20,26 +20,21 @@ from __future__ import annotations
 import functools
 import inspect
 import types
-from typing import Dict, Optional
+from typing import Optional
 
-from ... import _bootstrap
+from ...hooks import when_imported
 from ...activation import distribution_version, guarded, record_error, record_patch
-from ..fields import add_fields
-from ...options import SETTINGS, EAFTConfig, Spelling, config_from_keys
+from ...options import KEYS, EAFTConfig, Spelling, config_from_keys
 from ...retention import keys as retention_keys
+from .. import adapter
 
 NAME = "trl"
 LOSS_TYPE = "eaft"
-SPELLING = Spelling("SFTConfig field `{key}` (--{key})", "{key}={value}")
-SHOWN_LOSS = 'loss_type="eaft"'
-RETENTION_SHOWN = "SFTConfig field `{key}` (--{key})"
+SPELLING = Spelling("SFTConfig field `{key}` (--{key})", "{key}={value}", 'loss_type="eaft"', python_values=True)
 # (release prefix, why it is supported). Others: loss_type="eaft" is refused, naming these.
 SUPPORTED = (("0.24", "the release LLaMA-Factory 0.9.5 pins"), ("1.16", "the newest release, tested"))
 SUPPORTED_TEXT = " and ".join(f"{v}.x ({why})" for v, why in SUPPORTED)
 DOCTOR_IMPORTS = ("trl.trainer.sft_config", "trl.trainer.sft_trainer")
-
-FIELDS = {s.key: (s.field_type, f"EAFT (with loss_type='eaft'): {s.help} (default {s.default_text})")
-          for s in SETTINGS}
 
 
 def trl_version() -> Optional[str]:
@@ -62,64 +57,44 @@ def is_new_trl() -> bool:
         return False
 
 
-def given_fields(args) -> Dict[str, object]:
-    """The eaft_* fields that were set (not None) on an SFTConfig."""
-    return {f: getattr(args, f, None) for f in FIELDS if getattr(args, f, None) is not None}
-
-
 def check_config(args) -> Optional[EAFTConfig]:
     """Refuse an SFTConfig under which EAFT would not be applied; return the config (None: EAFT off)."""
-    fields = given_fields(args)
     loss_type = getattr(args, "loss_type", None)
     if loss_type != LOSS_TYPE:
-        if fields:
-            raise ValueError(
-                f"{', '.join(f'SFTConfig field `{f}`' for f in fields)} set but loss_type={loss_type!r}: EAFT "
-                f"settings only apply with loss_type='{LOSS_TYPE}' (--loss_type {LOSS_TYPE}). Set it, or drop them.")
+        adapter.refuse_keys_without_eaft(adapter.given_keys(args), SPELLING, f"loss_type={loss_type!r}")
         return None
     version = trl_version()
     if not version_supported(version):
         raise ValueError(
-            f"{SHOWN_LOSS}: eaft-plugins supports TRL {SUPPORTED_TEXT}; found trl {version}. Install a supported "
+            f"{SPELLING.enabled}: eaft-plugins supports TRL {SUPPORTED_TEXT}; found trl {version}. Install a supported "
             "release, e.g. pip install 'trl==1.16.0' (or 'trl==0.24.0'), or use another loss_type.")
-    config = config_from_keys({f[len("eaft_"):]: v for f, v in fields.items()}, SPELLING)
-    if getattr(args, "use_liger_kernel", False) and not config.fused:
-        raise ValueError(
-            f"{SHOWN_LOSS} with use_liger_kernel=True: the dense EAFT loss needs the full logits, which Liger's "
-            "fused cross-entropy exists to avoid. Set eaft_fused=True (--eaft_fused true: fused EAFT from the "
-            "hidden states and the LM head; Liger's other kernels stay) or use_liger_kernel=False.")
-    if (getattr(args, "label_smoothing_factor", 0) or 0) > 0:
-        raise ValueError(
-            f"{SHOWN_LOSS} with label_smoothing_factor={args.label_smoothing_factor}: EAFT replaces the loss, so the "
-            "smoothing would be dropped silently; set label_smoothing_factor=0.")
-    pc = getattr(args, "parallelism_config", None)
-    for attr, what in (("cp_enabled", "context parallelism"), ("sp_enabled", "sequence parallelism"),
-                       ("tp_enabled", "tensor parallelism")):
-        if pc is not None and getattr(pc, attr, False):
-            raise ValueError(
-                f"{SHOWN_LOSS} does not support {what} (parallelism_config.{attr.replace('_enabled', '_size')} > 1): "
-                "the EAFT loss needs each token's full-vocabulary logits once per data-parallel rank; drop it.")
+    config = config_from_keys({k: getattr(args, k, None) for k in KEYS}, SPELLING)
+    observed = [("liger", "use_liger_kernel", getattr(args, "use_liger_kernel", False)),
+                ("label_smoothing", "label_smoothing_factor", getattr(args, "label_smoothing_factor", 0))]
+    adapter.refuse(SPELLING, observed + adapter.parallelism_observed(getattr(args, "parallelism_config", None),
+                                                                     "parallelism_config"), config.fused)
     return config
 
 
 # ---- SFTConfig fields ------------------------------------------------------------------------------
 
 
-def extend_sft_config(cls) -> None:
-    """Add FIELDS to the SFTConfig dataclass in place, add "eaft" to loss_type's choices, check in __post_init__."""
-    add_fields(cls, retention_keys.FIELDS)  # any loss_type: not EAFT fields
-    if not add_fields(cls, FIELDS, _add_loss_type_choice):
-        return
+def extend_sft_config(cls) -> bool:
+    """Our settings as SFTConfig fields in place, "eaft" among loss_type's choices, checked in __post_init__."""
+    if not adapter.add_setting_fields(cls, SPELLING, framework=f"trl {trl_version()}", prepare=_add_loss_type_choice):
+        return False
 
-    original = cls.__post_init__
+    def make(original):
+        @functools.wraps(original)
+        def __post_init__(self, *a, **kw):
+            self.eaft_config = check_config(self)  # bad settings fail before the (slower) TrainingArguments set-up
+            retention_keys.check_keys(self.retention_probe, self.retention_steps, SPELLING)
+            original(self, *a, **kw)
 
-    @functools.wraps(original)
-    def __post_init__(self, *a, **kw):
-        check_config(self)  # bad settings fail before the (slower) TrainingArguments set-up
-        retention_keys.check_keys(self.retention_probe, self.retention_steps, RETENTION_SHOWN)
-        original(self, *a, **kw)
+        return __post_init__
 
-    cls.__post_init__ = __post_init__
+    adapter.patch_method(cls, "__post_init__", make)
+    return True
 
 
 def _add_loss_type_choice(cls, annotations: dict, own_fields: dict) -> None:
@@ -141,29 +116,33 @@ def _add_loss_type_choice(cls, annotations: dict, own_fields: dict) -> None:
 # ---- SFTTrainer ------------------------------------------------------------------------------------
 
 
-def patch_sft_trainer(cls) -> None:
+def patch_sft_trainer(cls) -> bool:
     """Wrap SFTTrainer.__init__ / compute_loss / log; a trainer without loss_type="eaft" is untouched."""
-    if getattr(cls, "_eaft_patched", False):
-        return
-    init, compute_loss, log = cls.__init__, cls.compute_loss, cls.log
-    signature = inspect.signature(init)
 
-    @functools.wraps(init)
-    def __init__(self, *a, **kw):
-        init_eaft(self, *a, **kw)
-        if getattr(self.args, "retention_probe", None) is not None:
-            retention_keys.attach(self, self.args.retention_probe, self.args.retention_steps, RETENTION_SHOWN)
+    def make_init(init):
+        signature = inspect.signature(init)
 
-    def init_eaft(self, *a, **kw):
+        @functools.wraps(init)
+        def __init__(self, *a, **kw):
+            init_eaft(self, init, signature, *a, **kw)
+            if getattr(self.args, "retention_probe", None) is not None:
+                retention_keys.attach(self, self.args.retention_probe, self.args.retention_steps, SPELLING)
+
+        return __init__
+
+    def init_eaft(self, init, signature, *a, **kw):
         bound = signature.bind(self, *a, **kw)
         args = bound.arguments.get("args")
-        config = check_config(args) if args is not None else None
-        if config is None:
+        if getattr(args, "loss_type", None) != LOSS_TYPE:
             return init(self, *a, **kw)
         if type(self) is not cls and type(self).__module__.startswith("trl."):
-            raise ValueError(f"{SHOWN_LOSS} is for SFTTrainer; {type(self).__name__} computes its own loss")
+            raise ValueError(f"{SPELLING.enabled} is for SFTTrainer; {type(self).__name__} computes its own loss")
         if bound.arguments.get("compute_loss_func") is not None:
-            raise ValueError(f"{SHOWN_LOSS} with a compute_loss_func: both replace the loss; pass only one of the two")
+            raise ValueError(f"{SPELLING.enabled} with a compute_loss_func: both replace the loss; pass only one of "
+                             "the two")
+        if getattr(args, "eaft_config", None) is None:  # loss_type set after the SFTConfig was built
+            args.eaft_config = check_config(args)
+        run = adapter.run_for(args, SPELLING)
         args.loss_type = "nll"  # TRL prepares data, labels, PEFT and collator exactly as for its own "nll"
         try:
             init(self, *a, **kw)
@@ -172,35 +151,39 @@ def patch_sft_trainer(cls) -> None:
         self.args.loss_type = LOSS_TYPE
         from ..hf_trainer import EAFTHook
 
-        hook = EAFTHook(config, SPELLING, SHOWN_LOSS, extra_metrics=_trl_metrics)
-        hook.run.router_aux = False  # _trl_metrics adds TRL's own router loss, dense and fused
-        hook.bind(self)
-        self._eaft = hook
+        run.router_aux = False  # _trl_metrics adds TRL's own router loss, dense and fused
+        self._eaft = EAFTHook(run, extra_metrics=_trl_metrics).bind(self)
 
-    @functools.wraps(compute_loss)
-    def eaft_compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        hook = self.__dict__.get("_eaft")
-        if hook is None:
-            return compute_loss(self, model, inputs, return_outputs=return_outputs,
-                                num_items_in_batch=num_items_in_batch)
-        if self.args.loss_type != LOSS_TYPE:
-            raise ValueError(f"trainer built with {SHOWN_LOSS}, but args.loss_type is now {self.args.loss_type!r}")
-        inputs["use_cache"] = False
-        if getattr(self, "aux_loss_enabled", False) and is_new_trl():
-            inputs["output_router_logits"] = True
-        return hook.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+    def make_compute_loss(compute_loss):
+        @functools.wraps(compute_loss)
+        def eaft_compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            hook = self.__dict__.get("_eaft")
+            if hook is None:
+                return compute_loss(self, model, inputs, return_outputs=return_outputs,
+                                    num_items_in_batch=num_items_in_batch)
+            if self.args.loss_type != LOSS_TYPE:
+                raise ValueError(f"trainer built with {SPELLING.enabled}, but args.loss_type is now "
+                                 f"{self.args.loss_type!r}")
+            inputs["use_cache"] = False
+            if getattr(self, "aux_loss_enabled", False) and is_new_trl():
+                inputs["output_router_logits"] = True
+            return hook.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
 
-    @functools.wraps(log)
-    def eaft_log(self, logs, *a, **kw):
-        hook = self.__dict__.get("_eaft")
-        if hook is not None:
-            hook.log_metrics(self, logs)
-        return log(self, logs, *a, **kw)
+        return eaft_compute_loss
 
-    cls.__init__ = __init__
-    cls.compute_loss = eaft_compute_loss
-    cls.log = eaft_log
-    cls._eaft_patched = True
+    def make_log(log):
+        @functools.wraps(log)
+        def eaft_log(self, logs, *a, **kw):
+            hook = self.__dict__.get("_eaft")
+            if hook is not None:
+                hook.run.log(logs, self.args.device)
+            return log(self, logs, *a, **kw)
+
+        return eaft_log
+
+    patched = [adapter.patch_method(cls, name, make) for name, make in
+               (("__init__", make_init), ("compute_loss", make_compute_loss), ("log", make_log))]
+    return any(patched)
 
 
 def _trl_metrics(trainer, inputs, outputs, labels, mode, loss, num_items_in_batch):
@@ -256,18 +239,18 @@ def _trl_metrics(trainer, inputs, outputs, labels, mode, loss, num_items_in_batc
 
 
 def _extend(module) -> None:
-    extend_sft_config(module.SFTConfig)
-    record_patch(NAME, f"trl.SFTConfig: loss_type '{LOSS_TYPE}', fields {', '.join(FIELDS)}")
+    if extend_sft_config(module.SFTConfig):
+        record_patch(NAME, f"trl.SFTConfig: loss_type '{LOSS_TYPE}', eaft_* and retention_* fields")
     version = trl_version()
     if not version_supported(version):
         record_error(NAME, f"trl {version} is not a supported release ({SUPPORTED_TEXT}): loss_type='eaft' is refused")
 
 
 def _patch(module) -> None:
-    patch_sft_trainer(module.SFTTrainer)
-    record_patch(NAME, "trl.SFTTrainer: __init__ / compute_loss / log (EAFT when loss_type='eaft')")
+    if patch_sft_trainer(module.SFTTrainer):
+        record_patch(NAME, "trl.SFTTrainer: __init__ / compute_loss / log (EAFT when loss_type='eaft')")
 
 
 def activate() -> None:
-    _bootstrap.when_imported("trl.trainer.sft_config", guarded(NAME, "adding SFTConfig eaft_* fields", _extend))
-    _bootstrap.when_imported("trl.trainer.sft_trainer", guarded(NAME, "hooking SFTTrainer", _patch))
+    when_imported("trl.trainer.sft_config", guarded(NAME, "adding SFTConfig eaft_* fields", _extend))
+    when_imported("trl.trainer.sft_trainer", guarded(NAME, "hooking SFTTrainer", _patch))

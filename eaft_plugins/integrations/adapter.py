@@ -1,0 +1,154 @@
+"""What every framework adapter does alike, written once; a framework module keeps only what is its own.
+
+* `add_setting_fields(cls, spelling)`: the user settings of `options.USER_SETTINGS` (EAFT and retention keys)
+  become fields of the framework's argument dataclass, in place;
+* `refuse(spelling, observed, fused)`: the combinations under which EAFT would silently not run, one table
+  (`REFUSALS`) for every framework; the framework only reports its own keys and values;
+* `refuse_keys_without_eaft`: eaft_* keys given while EAFT is off;
+* `run_for(args, spelling)`: a trainer's EAFTRun, from the config its parsed arguments carry (never a default);
+* `patch_method`: a method wrapped once, with one marker.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Iterable, Optional, Tuple
+
+from ..options import KEYS, USER_SETTINGS, EAFTConfig, Spelling
+from ..run import EAFTRun
+from .fields import add_fields
+
+MARK = "__eaft_plugins__"
+
+
+def patch_method(owner, name: str, make: Callable) -> bool:
+    """`owner.name = make(original)` once; False when the method `owner` resolves is our wrapper already (its own
+    or inherited from a patched parent: wrapping again would run EAFT's part twice)."""
+    original = getattr(owner, name)
+    if getattr(original, MARK, False):
+        return False
+    new = make(original)
+    setattr(new, MARK, True)
+    if not hasattr(new, "__wrapped__"):
+        new.__wrapped__ = original
+    setattr(owner, name, new)
+    return True
+
+
+# ---- argument fields
+
+
+def setting_fields(spelling: Spelling, defaults: Optional[dict] = None) -> dict:
+    """{key: (type, help, default)} for every user setting; default None ("not given") unless `defaults` says.
+    `%` is doubled: argparse formats help texts (`--help` would fail on a bare `3% of`)."""
+    out = {}
+    for s in USER_SETTINGS:
+        prefix = f"EAFT ({spelling.enabled})" if s.group != "retention" else "Retention monitor"
+        help_text = f"{prefix}: {s.help} (default {s.default_text})".replace("%", "%%")
+        out[s.key] = (s.field_type, help_text, (defaults or {}).get(s.key))
+    return out
+
+
+def add_setting_fields(cls, spelling: Spelling, *, extra: Optional[dict] = None, defaults: Optional[dict] = None,
+                       upstream: Iterable[str] = (), framework: str = "", prepare=None) -> bool:
+    """Our keys as fields of the dataclass `cls`, in place (see fields.add_fields); False when it (or a class it
+    inherits from) already has them. `prepare`: see fields.add_fields.
+
+    `upstream`: keys the framework may define itself (left as it defines them); any other of our keys already
+    defined means a release we do not know, whose meaning we would shadow: RuntimeError."""
+    if any(klass.__dict__.get(MARK) for klass in cls.__mro__):
+        return False
+    new = dict(extra or {})
+    new.update(setting_fields(spelling, defaults))
+    have = {f.name for f in dataclasses.fields(cls)}
+    clash = sorted(have & set(new) - set(upstream))
+    if clash:
+        raise RuntimeError(f"{framework or cls.__name__} defines {clash} itself; eaft-plugins would shadow them. "
+                           "Upgrade eaft-plugins, or set EAFT_PLUGINS_DISABLE=1")
+    add_fields(cls, {k: v for k, v in new.items() if k not in have}, prepare)
+    setattr(cls, MARK, True)
+    return True
+
+
+def given_keys(args) -> dict:
+    """The eaft_* settings given on a parsed arguments object (not None)."""
+    return {k: getattr(args, k) for k in KEYS if getattr(args, k, None) is not None}
+
+
+def refuse_keys_without_eaft(keys, spelling: Spelling, state: str) -> None:
+    """eaft_* keys while EAFT is off (`state` says how it is off) are an error, even at their default value."""
+    keys = list(keys)
+    if keys:
+        raise ValueError(f"{', '.join(spelling.shown(k) for k in keys)} set but {state}: EAFT settings only apply "
+                         f"with {spelling.enabled}; add it or drop them")
+
+
+def run_for(args, spelling: Spelling) -> EAFTRun:
+    """The trainer's EAFTRun, from the EAFTConfig that the framework's argument patch put on `args`."""
+    config = getattr(args, "eaft_config", None)
+    if not isinstance(config, EAFTConfig):
+        raise RuntimeError(f"{spelling.enabled} is set, but eaft-plugins did not parse the EAFT settings of these "
+                           "arguments (its argument patch did not run): run `python -m eaft_plugins doctor`; never "
+                           "falling back to default settings silently")
+    return EAFTRun(config, spelling)
+
+
+# ---- refused combinations
+
+# concept -> (refused when (value, fused), message, the value that lifts it). In a message, {enabled} is how EAFT
+# was turned on, {shown} the framework's key as written there, {value} its value, {fix} the key set to the value
+# that lifts the refusal, {fused} / {dense} eaft_fused set to true / false.
+REFUSALS = {
+    "liger": (lambda v, fused: bool(v) and not fused,
+              "{enabled} with {shown}: the dense EAFT loss needs the full logits, which Liger's fused cross-entropy "
+              "exists to avoid (its memory saving would be lost). Set {fused} (fused EAFT from the hidden states "
+              "and the LM head; Liger's other kernels stay) or {fix}", False),
+    "label_smoothing": (lambda v, fused: (v or 0) > 0,
+                        "{enabled} with {shown} {value}: EAFT replaces the loss, so the smoothing would be dropped "
+                        "silently; set {fix}", 0),
+    "parallel": (lambda v, fused: (v or 1) > 1,
+                 "{enabled} does not support {shown} {value}: the EAFT loss and its statistics need each token's "
+                 "full-vocabulary logits exactly once per data-parallel rank; set {fix}", 1),
+    "replicas": (lambda v, fused: (v or 1) > 1,
+                 "{enabled} does not support nn.DataParallel (several GPUs visible to one process, {shown} {value}): "
+                 "launch with torchrun / accelerate launch (one process per GPU) or make one GPU visible with "
+                 "CUDA_VISIBLE_DEVICES", 1),
+    "channel_loss": (lambda v, fused: bool(v) and fused,
+                     "{fused} with {shown}: the per-channel losses need per-token losses from the logits, which the "
+                     "fused path never builds; set {dense} or {fix}", False),
+    "other_loss": (lambda v, fused: bool(v),
+                   "{enabled} and {shown} both replace the loss (the framework would silently run one); keep one: "
+                   "{fix}", False),
+}
+
+Observed = Tuple[str, str, object]  # (concept of REFUSALS, the framework's key, its value)
+
+
+def refusals(spelling: Spelling, observed: Iterable[Observed], fused: bool) -> list:
+    """The messages of every refused combination among `observed`, in the framework's words."""
+    out = []
+    for concept, key, value in observed:
+        refused, message, lifted = REFUSALS[concept]
+        if refused(value, fused):
+            out.append(message.format(
+                enabled=spelling.enabled, shown=spelling.shown(key), value=value, fix=spelling.assign(key, lifted),
+                fused=spelling.assign("eaft_fused", True), dense=spelling.assign("eaft_fused", False)))
+    return out
+
+
+def refuse(spelling: Spelling, observed: Iterable[Observed], fused: bool, extra: Iterable[str] = ()) -> None:
+    """ValueError listing every refused combination (the framework's own `extra` problems too)."""
+    problems = list(extra) + refusals(spelling, observed, fused)
+    if len(problems) == 1:
+        raise ValueError(problems[0])
+    if problems:
+        raise ValueError(f"{spelling.enabled} cannot run as configured:\n- " + "\n- ".join(problems))
+
+
+def parallelism_observed(config, owner: str) -> list:
+    """Context / sequence / tensor parallel sizes of an accelerate ParallelismConfig, as REFUSALS observations."""
+    if config is None:
+        return []
+    return [("parallel", f"{owner}.{size}", getattr(config, size, 1) or 1)
+            for enabled, size in (("cp_enabled", "cp_size"), ("sp_enabled", "sp_size"), ("tp_enabled", "tp_size"))
+            if getattr(config, enabled, False)]
