@@ -134,11 +134,18 @@ _CHOICES = {"entropy_norm": ENTROPY_NORMS, "gate": GATES, "weight_norm": WEIGHT_
 
 
 def _check_number(name: str, value, low: float, high: float = math.inf) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     if not low <= value <= high:
         bound = f">= {low}" if high == math.inf else f"in [{low}, {high}]"
         raise ValueError(f"{name} must be {bound}, got {value!r}")
+
+
+def _finite(value) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float (YAML and Python ints have no bound)
+        return False
 
 
 # ---- the user-facing schema: every framework's keys, flags and fields come from here -------------
@@ -265,16 +272,19 @@ def _coerce(setting: Setting, value, shown: str):
         return parse_bool(value, shown)
     if isinstance(value, str):
         text = value.strip()
-        if setting.kind == "topk" and text.lstrip("-").isdigit():
-            return int(text)
+        if setting.kind == "topk":
+            try:
+                return int(text)  # what int() reads ("12", "+12"); not "--5" or "²", which int() refuses
+            except ValueError:
+                pass  # "full", or refused below with the allowed values
         if setting.kind == "float":
             try:
                 return float(text)
             except ValueError:
                 pass  # refused below with the allowed values
-    if setting.kind == "float" and isinstance(value, int) and not isinstance(value, bool):
+    if setting.kind == "float" and isinstance(value, int) and not isinstance(value, bool) and _finite(value):
         return float(value)
-    return value
+    return value  # an int too large for a float stays one: refused below as not finite
 
 
 def config_from_keys(values, spelling: Spelling = Spelling()) -> EAFTConfig:
