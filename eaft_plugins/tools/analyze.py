@@ -23,7 +23,7 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -40,28 +40,64 @@ DEFAULT_KS = (5, 10, 20, 50)
 # ----------------------------------------------------------------------------- data formats
 
 
-def read_records(path) -> List[dict]:
-    """Rows of a .json (list) or .jsonl file."""
-    text = Path(path).read_text()
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        return json.loads(text)
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+def read_rows(path) -> List[Tuple[str, object]]:
+    """(where, row) for every row of a .json file (one list) or a .jsonl file (one row per line), read as plain JSON;
+    `where` is "FILE line N" or "FILE item N". ValueError naming the file (and the line) on any problem."""
+    p = Path(path)
+    try:
+        is_dir, is_file = p.is_dir(), p.is_file()
+    except OSError as exc:  # e.g. a name too long
+        raise ValueError(f"{path}: cannot read it ({exc.strerror})") from None
+    if is_dir:
+        raise ValueError(f"{path} is a directory; --data takes a .json or .jsonl file")
+    if not is_file:
+        raise ValueError(f"{path}: no such file (--data)")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text; --data takes a .json or .jsonl file") from None
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read it ({exc.strerror})") from None
+    if not text.strip():
+        raise ValueError(f"{path} is empty; --data needs rows (a .json list or a .jsonl file)")
+    if text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path} line {exc.lineno} column {exc.colno}: not valid JSON ({exc.msg})") from None
+        return [(f"{path} item {i}", row) for i, row in enumerate(rows, 1)]
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                out.append((f"{path} line {n}", json.loads(line)))
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path} line {n}: not valid JSON ({exc.msg}); a .jsonl file holds one JSON object "
+                                 "per line, a .json file one list of them") from None
+    return out
 
 
 FORMATS = ("auto", "alpaca", "sharegpt", "messages", "swift_query")  # every format to_messages reads
+# The keys that make a row one format; `auto` takes the first that fits.
+NEEDS = {"messages": ("messages",), "sharegpt": ("conversations",), "alpaca": ("instruction", "output"),
+         "swift_query": ("query", "response")}
+# Text fields of a row: (required, optional: None allowed).
+TEXTS = {"messages": ((), ()), "sharegpt": ((), ("system",)), "alpaca": (("instruction", "output"), ("input", "system")),
+         "swift_query": (("query", "response"), ("system",))}
+NEEDS_TEXT = "; ".join(f"{fmt} needs {' and '.join(keys)}" for fmt, keys in NEEDS.items())
+
+
+def fitting(row: dict) -> List[str]:
+    """The formats whose keys the row has."""
+    return [fmt for fmt, keys in NEEDS.items() if all(k in row for k in keys)]
 
 
 def detect_format(row: dict) -> str:
-    if "messages" in row:
-        return "messages"
-    if "conversations" in row:
-        return "sharegpt"
-    if "instruction" in row and "output" in row:
-        return "alpaca"
-    if "query" in row and "response" in row:
-        return "swift_query"
-    raise ValueError(f"cannot tell the data format from keys {sorted(row)}; pass --format {'|'.join(FORMATS[1:])}")
+    fits = fitting(row)
+    if not fits:
+        raise ValueError(f"cannot tell the data format from keys {sorted(row)} ({NEEDS_TEXT}); fix the row or pass "
+                         f"--format {'|'.join(FORMATS[1:])}")
+    return fits[0]
 
 
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
@@ -69,30 +105,86 @@ _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assista
 
 
 def to_messages(row: dict, fmt: str = "auto") -> List[Dict[str, str]]:
-    """LLaMA-Factory alpaca / sharegpt or ms-swift messages / query-response -> [{role, content}]."""
+    """LLaMA-Factory alpaca / sharegpt or ms-swift messages / query-response -> [{role, content}]; ValueError saying
+    what the row lacks (and which formats it fits) when it is not of that format."""
     fmt = detect_format(row) if fmt == "auto" else fmt
+    if fmt not in NEEDS:
+        raise ValueError(f"--format must be one of {list(FORMATS)}, got {fmt!r}")
+    if not all(k in row for k in NEEDS[fmt]):
+        fits = fitting(row)
+        hint = f"it fits --format {' or '.join(fits)}" if fits else f"no format fits it: {NEEDS_TEXT}"
+        raise ValueError(f"--format {fmt} needs the key{'s' if len(NEEDS[fmt]) > 1 else ''} "
+                         f"{' and '.join(NEEDS[fmt])}; this row has keys {sorted(row)} ({hint})")
+    required, optional = TEXTS[fmt]
+    for key in required + optional:
+        if not isinstance(row.get(key, ""), str) and not (key in optional and row[key] is None):
+            raise ValueError(f"\"{key}\" must be text, got {_brief(row[key])} ({fmt} row with keys {sorted(row)})")
+    system = [{"role": "system", "content": row["system"]}] if row.get("system") else []
     if fmt == "alpaca":
-        msgs = [{"role": "system", "content": row["system"]}] if row.get("system") else []
-        for q, a in row.get("history") or []:
-            msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
         user = row["instruction"] + ("\n" + row["input"] if row.get("input") else "")
-        return msgs + [{"role": "user", "content": user}, {"role": "assistant", "content": row["output"]}]
-    if fmt == "sharegpt":
-        msgs = [{"role": "system", "content": row["system"]}] if row.get("system") else []
-        for turn in row["conversations"]:
-            role = turn.get("from", turn.get("role"))
-            if role not in _SHAREGPT_ROLES:
-                raise ValueError(f"unknown sharegpt role {role!r}")
-            msgs.append({"role": _SHAREGPT_ROLES[role], "content": turn.get("value", turn.get("content", ""))})
-        return msgs
-    if fmt == "messages":
-        return [{"role": m["role"], "content": m["content"]} for m in row["messages"] if m.get("content") is not None]
-    if fmt == "swift_query":
-        msgs = [{"role": "system", "content": row["system"]}] if row.get("system") else []
-        for q, a in row.get("history") or []:
-            msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-        return msgs + [{"role": "user", "content": row["query"]}, {"role": "assistant", "content": row["response"]}]
-    raise ValueError(f"--format must be one of {list(FORMATS)}, got {fmt!r}")
+        msgs = system + _history(row) + [{"role": "user", "content": user},
+                                         {"role": "assistant", "content": row["output"]}]
+    elif fmt == "sharegpt":
+        msgs = system + [{"role": _sharegpt_role(turn), "content": turn.get("value", turn.get("content", ""))}
+                         for turn in _objects(row, "conversations", '{"from", "value"}')]
+    elif fmt == "messages":
+        msgs = [{"role": m.get("role"), "content": m["content"]}
+                for m in _objects(row, "messages", '{"role", "content"}') if m.get("content") is not None]
+    else:
+        msgs = system + _history(row) + [{"role": "user", "content": row["query"]},
+                                         {"role": "assistant", "content": row["response"]}]
+    for m in msgs:
+        if not isinstance(m["role"], str) or not isinstance(m["content"], str):
+            raise ValueError(f"every turn needs a text role and content; got role {_brief(m['role'])} with content "
+                             f"{_brief(m['content'])} ({fmt} row with keys {sorted(row)})")
+    return msgs
+
+
+def _brief(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _objects(row: dict, key: str, shape: str) -> list:
+    items = row[key]
+    if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+        raise ValueError(f"\"{key}\" must be a list of {shape} objects, got {_brief(items)}")
+    return items
+
+
+def _history(row: dict) -> List[Dict[str, str]]:
+    pairs = row.get("history") or []
+    if not isinstance(pairs, list) or not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in pairs):
+        raise ValueError(f"\"history\" must be a list of [question, answer] pairs, got {_brief(pairs)}")
+    return [m for q, a in pairs for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
+
+
+def _sharegpt_role(turn: dict) -> str:
+    role = turn.get("from", turn.get("role"))
+    if not isinstance(role, str) or role not in _SHAREGPT_ROLES:
+        raise ValueError(f"unknown sharegpt role {_brief(role)} (known: {', '.join(_SHAREGPT_ROLES)})")
+    return _SHAREGPT_ROLES[role]
+
+
+def load_conversations(path, fmt: str = "auto", limit: Optional[int] = None) -> List[List[Dict[str, str]]]:
+    """Every row of the data file (the first `limit`) as [{role, content}], all checked before a model is loaded;
+    ValueError naming the file and the line."""
+    rows = read_rows(path)
+    rows = rows[:limit] if limit else rows
+    if not rows:
+        raise ValueError(f"{path} has no rows; --data needs at least one")
+    convs = []
+    for where, row in rows:
+        if not isinstance(row, dict):
+            kind = {list: "array", str: "string", int: "number", float: "number", bool: "boolean"}.get(type(row), "null")
+            raise ValueError(f"{where} is a JSON {kind}, not an object (one example per row)")
+        try:
+            convs.append(to_messages(row, fmt))
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+    if not any(m["role"] == "assistant" for conv in convs for m in conv):
+        raise ValueError(f"{path}: no row has an assistant turn, so no token would be scored")
+    return convs
 
 
 def first_prompt(messages: List[Dict[str, str]]) -> Optional[List[Dict[str, str]]]:
@@ -293,13 +385,21 @@ def write_tokens_csv(scores, tok, path, ks: Sequence[int], source: str, mode: st
 def analyze(model_path, data_path, out_dir, fmt: str = "auto", opts: Optional[EAFTOptions] = None,
             ks: Sequence[int] = DEFAULT_KS, limit: Optional[int] = None, cutoff: int = 1024, batch_size: int = 4,
             on_policy: int = 64, max_new_tokens: int = 256, sample: bool = False, temperature: float = 1.0,
-            seed: int = 0, device: Optional[str] = None, n_conflicts: int = 30, progress: bool = True) -> dict:
+            seed: int = 0, device: Optional[str] = None, n_conflicts: int = 30, progress: bool = True,
+            conversations: Optional[List[List[Dict[str, str]]]] = None) -> dict:
+    """`conversations`: the data already read by load_conversations (else it is read here, before the model)."""
     opts = opts or EAFTOptions()
+    convs = conversations if conversations is not None else load_conversations(data_path, fmt, limit)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = read_records(data_path)[:limit] if limit else read_records(data_path)
-    convs = [to_messages(r, fmt) for r in rows]
-    model, tok = load_model(model_path, device)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file on the way, no permission
+        raise ValueError(f"--out {out_dir}: cannot create the folder ({exc.strerror})") from None
+    try:
+        model, tok = load_model(model_path, device)
+    except OSError as exc:  # not a model folder, or a Hub id while offline
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"--model {model_path}: cannot load a model from it ({first})") from None
     opts.check_vocab(model.config.vocab_size)
     for k in ks:
         if k > model.config.vocab_size:
@@ -344,17 +444,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="local .json/.jsonl: alpaca, sharegpt, messages or swift query/response rows")
     p.add_argument("--format", default="auto", choices=FORMATS)
     p.add_argument("--out", default="eaft_analysis")
-    p.add_argument("--limit", type=int, default=None, help="first N examples only")
-    p.add_argument("--cutoff", type=int, default=1024, help="max tokens per example")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--limit", type=at_least(1), default=None, help="first N examples only")
+    p.add_argument("--cutoff", type=at_least(2), default=1024, help="max tokens per example")
+    p.add_argument("--batch-size", type=at_least(1), default=4)
     p.add_argument("--ks", default=",".join(map(str, DEFAULT_KS)), help="top-K sizes compared with exact entropy")
-    p.add_argument("--on-policy", type=int, default=64, help="prompts the model answers itself (0: skip)")
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--on-policy", type=at_least(0), default=64, help="prompts the model answers itself (0: skip)")
+    p.add_argument("--max-new-tokens", type=at_least(1), default=256)
     p.add_argument("--sample", action="store_true", help="sample the own responses instead of greedy")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--conflicts", type=int, default=30, help="confident conflicts listed in conflicts.md")
+    p.add_argument("--conflicts", type=at_least(0), default=30, help="confident conflicts listed in conflicts.md")
     for setting in SCORING_SETTINGS:  # the EAFT options, from the schema
         p.add_argument(f"--{setting.name.replace('_', '-')}", default=None,
                        help=f"EAFT: {setting.help} (default {setting.default_text})")
@@ -362,17 +462,62 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def at_least(low: int):
+    """An argparse type: an integer >= low (argparse reports a bad one as `argument --x: ...`, exit 2)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}")
+        return value
+
+    return parse
+
+
+def parse_ks(text: str) -> List[int]:
+    try:
+        ks = [int(k) for k in text.split(",") if k.strip()]
+    except ValueError:
+        ks = []
+    if not ks or min(ks) < 1:
+        raise ValueError(f"--ks must be comma-separated integers >= 1 (e.g. 5,10,20), got {text!r}")
+    return ks
+
+
+def check_run(args) -> None:
+    """The flags only a run can refuse, checked before the data and the model are read."""
+    if args.sample and not args.temperature > 0:
+        raise ValueError(f"--temperature must be > 0 with --sample, got {args.temperature}")
+    if args.device is not None:
+        try:
+            kind = torch.device(args.device).type
+        except RuntimeError as exc:
+            raise ValueError(f"--device {args.device!r} is not a device ({exc})") from None
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device}: no CUDA device is available here (use --device cpu)")
+    if Path(args.out).is_file():
+        raise ValueError(f"--out {args.out} is a file; give a folder for the reports")
+
+
 def main(argv=None) -> int:
+    """Bad input (flags, the data file, a model that cannot be read) ends as `eaft-analyze: error: ...`, exit 2."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         opts = config_from_keys({st.key: getattr(args, st.name) for st in SCORING_SETTINGS}, Spelling("--{dashed}")).options
+        ks = parse_ks(args.ks)
+        check_run(args)
+        convs = load_conversations(args.data, args.format, args.limit)  # every row checked before the model loads
     except ValueError as exc:
         parser.error(str(exc))
-    ks = [int(k) for k in args.ks.split(",") if k.strip()]
-    s = analyze(args.model, args.data, args.out, args.format, opts, ks, args.limit, args.cutoff, args.batch_size,
-                args.on_policy, args.max_new_tokens, args.sample, args.temperature, args.seed, args.device,
-                args.conflicts, progress=not args.no_progress)
+    try:
+        s = analyze(args.model, args.data, args.out, args.format, opts, ks, args.limit, args.cutoff, args.batch_size,
+                    args.on_policy, args.max_new_tokens, args.sample, args.temperature, args.seed, args.device,
+                    args.conflicts, progress=not args.no_progress, conversations=convs)
+    except ValueError as exc:  # what only the model tells: --model unreadable, top-K above its vocabulary
+        parser.error(str(exc))
     d = s["data_tokens"]
     print(f"data: {d['tokens']} supervised tokens in {d['sequences']} examples; confident conflicts "
           f"{d['conflict_share']:.2%}; mean p {d['mean_p']:.3f}; mean weight {d['mean_weight']:.3f}")

@@ -159,3 +159,104 @@ def test_option_flags_come_from_the_schema(capsys):
     with pytest.raises(SystemExit):
         main(["--model", "m", "--data", "d.json", "--gate", "sharp"])
     assert "--gate 'sharp' is invalid: gate must be one of ['soft', 'hard', 'shuffle']" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- bad input: `eaft-analyze: error: ...`, exit 2, no model
+
+
+ALPACA = '{"instruction": "Add 2 and 3", "output": "5"}\n'
+
+
+def run_main(capsys, *argv):
+    """analyze.main's exit code and stderr; the model path does not exist, so any error must come before it loads."""
+    with pytest.raises(SystemExit) as exit_:
+        analyze.main(["--model", "no/such-model", *argv])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return exit_.value.code, err.strip().splitlines()[-1]
+
+
+BAD_INPUT = [  # (id, file name, its text, flags, words the error line must hold)
+    # --format that does not match the rows: the format asked, the row's keys, the formats that fit (was KeyError)
+    ("format-mismatch", "a.jsonl", ALPACA, ["--format", "messages"],
+     ["line 1: --format messages needs the key messages", "keys ['instruction', 'output']", "it fits --format alpaca"]),
+    ("no-format-fits", "a.jsonl", '{"q": 1}\n', ["--format", "sharegpt"],
+     ["needs the key conversations", "keys ['q']", "no format fits it: messages needs messages"]),
+    ("auto-row-2", "a.jsonl", ALPACA + '{"instruction": "x"}\n', [],
+     ["a.jsonl line 2: cannot tell the data format from keys ['instruction']"]),
+    # not JSON: the file and the line (was a bare JSONDecodeError)
+    ("jsonl-line", "bad.jsonl", ALPACA + '{"instruction": "x", \n', [], ["bad.jsonl line 2: not valid JSON"]),
+    ("json-line-column", "bad.json", '[{"instruction": "x",\n "output": }]', [],
+     ["bad.json line 2 column 12: not valid JSON (Expecting value)"]),
+    ("empty", "empty.jsonl", "\n  \n", [], ["empty.jsonl is empty"]),
+    ("no-rows", "none.json", "[]", [], ["none.json has no rows"]),
+    ("not-an-object", "arr.json", '[{"query": "q", "response": "r"}, 3]', [],
+     ["arr.json item 2 is a JSON number, not an object"]),
+    ("binary", "bin.jsonl", b"\x80\x02\x8a\n", [], ["bin.jsonl is not UTF-8 text"]),  # a pickle, say: never unpickled
+    # rows with the format's keys but not its shape (were TypeError / AttributeError / unpacking errors)
+    ("conversations-text", "t.jsonl", '{"conversations": "hi"}\n', [],
+     ['"conversations" must be a list of {"from", "value"} objects']),
+    ("sharegpt-role", "t.jsonl", '{"conversations": [{"from": "bot", "value": "x"}]}\n', [],
+     ["unknown sharegpt role 'bot'"]),
+    ("content-number", "t.jsonl", '{"messages": [{"role": "user", "content": 5}]}\n', [], ["a text role and content"]),
+    ("instruction-list", "t.jsonl", '{"instruction": ["x"], "output": "y"}\n', [],
+     ['"instruction" must be text, got [\'x\']']),
+    ("history-pair", "t.jsonl", '{"query": "q", "response": "r", "history": [["only one"]]}\n', [],
+     ['"history" must be a list of [question, answer] pairs']),
+    ("no-assistant", "t.jsonl", '{"messages": [{"role": "user", "content": "x"}]}\n', [],
+     ["no row has an assistant turn"]),
+    # flags
+    ("ks-junk", "a.jsonl", ALPACA, ["--ks", "5,x"], ["--ks must be comma-separated integers >= 1"]),
+    ("ks-zero", "a.jsonl", ALPACA, ["--ks", "0"], ["--ks must be comma-separated integers >= 1"]),
+    ("limit-zero", "a.jsonl", ALPACA, ["--limit", "0"], ["argument --limit: must be an integer >= 1, got '0'"]),
+    ("batch-negative", "a.jsonl", ALPACA, ["--batch-size", "-2"], ["argument --batch-size: must be an integer >= 1"]),
+    ("temperature-zero", "a.jsonl", ALPACA, ["--sample", "--temperature", "0"],
+     ["--temperature must be > 0 with --sample"]),
+    ("device-junk", "a.jsonl", ALPACA, ["--device", "gpu0"], ["--device 'gpu0' is not a device"]),
+    ("out-is-a-file", "a.jsonl", ALPACA, ["--out", "{data}"], ["is a file; give a folder"]),
+]
+
+
+@pytest.mark.parametrize("name, text, flags, words", [c[1:] for c in BAD_INPUT], ids=[c[0] for c in BAD_INPUT])
+def test_bad_input_is_an_error_line_not_a_traceback(capsys, tmp_path, name, text, flags, words):
+    data = tmp_path / name
+    data.write_bytes(text if isinstance(text, bytes) else text.encode())
+    code, line = run_main(capsys, "--data", str(data), *[f.format(data=data) for f in flags])
+    assert code == 2 and line.startswith("eaft-analyze: error: "), line
+    for w in words:
+        assert w in line, line
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda tmp: tmp / "missing.jsonl", "missing.jsonl: no such file"),
+    (lambda tmp: tmp, "is a directory; --data takes a .json or .jsonl file"),
+])
+def test_missing_data_file_or_a_directory_is_named(capsys, tmp_path, make, words):
+    path = make(tmp_path)
+    code, line = run_main(capsys, "--data", str(path))
+    assert code == 2 and f"eaft-analyze: error: {path}" in line and words in line, line
+
+
+def test_the_data_is_checked_before_the_model_loads(monkeypatch, capsys, tmp_path):
+    data = tmp_path / "a.jsonl"
+    data.write_text(ALPACA + '{"messages": 3}\n')
+    monkeypatch.setattr(analyze, "load_model", lambda *a, **k: pytest.fail("the model was loaded before the data"))
+    code, line = run_main(capsys, "--data", str(data))
+    assert code == 2 and "a.jsonl line 2" in line
+
+
+def test_a_folder_without_a_model_is_named(capsys, tmp_path):
+    data = tmp_path / "a.jsonl"
+    data.write_text(ALPACA)
+    with pytest.raises(SystemExit) as exit_:
+        analyze.main(["--model", str(tmp_path / "nothing"), "--data", str(data), "--out", str(tmp_path / "out")])
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_.value.code == 2 and line.startswith(f"eaft-analyze: error: --model {tmp_path / 'nothing'}: "), line
+
+
+def test_an_out_folder_that_cannot_be_made_is_named(monkeypatch, capsys, tmp_path):
+    data = tmp_path / "a.jsonl"
+    data.write_text(ALPACA)
+    monkeypatch.setattr(analyze, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    code, line = run_main(capsys, "--data", str(data), "--out", str(data / "out"))  # under a file
+    assert code == 2 and f"--out {data / 'out'}: cannot create the folder (Not a directory)" in line, line
