@@ -7,10 +7,10 @@ See docs/retention.md.
 """
 
 from .monitor import METRICS, RetentionMonitor, kl_from_reference, reference_of
-from .probe import BUILTIN, Row, load_rows, parse_steps
+from .probe import BUILTIN, PRESETS, Row, load_rows, parse_probe, parse_steps
 
-__all__ = ["BUILTIN", "METRICS", "RetentionMonitor", "Row", "kl_from_reference", "load_rows", "parse_steps",
-           "reference_of", "with_retention", "RetentionCallback"]
+__all__ = ["BUILTIN", "METRICS", "PRESETS", "RetentionMonitor", "Row", "kl_from_reference", "load_rows",
+           "parse_probe", "parse_steps", "reference_of", "with_retention", "RetentionCallback"]
 
 
 def __getattr__(name):  # the callback needs transformers: imported on first use

@@ -11,8 +11,10 @@ W&B / the trainer's own log files get `retention/*`. At train end `retention.png
 Default interval (`steps` unset): the logging interval (else the eval interval, else once per epoch), or the
 smallest multiple of it that keeps one probe under SHARE of the training time between two probes, from the
 probe's and the steps' wall time measured in this run (decided once, after the first interval; printed).
-The reference is saved in output_dir and in every checkpoint: a resumed run measures against the model
-before fine-tuning, not against the checkpoint it resumed from.
+The reference is saved in output_dir and in every checkpoint: a resumed run (any world size) measures against the
+model before fine-tuning, not against the checkpoint it resumed from. Files in output_dir: retention.jsonl (the
+readings per probe step), retention_items.jsonl (the per-item values behind them: `eaft-retention compare`'s paired
+differences), retention_probe.json (what was measured: the probe's identity), retention.png.
 """
 
 from __future__ import annotations
@@ -26,13 +28,14 @@ from typing import Optional
 import torch
 from transformers import TrainerCallback
 
-from .monitor import RetentionMonitor, _device, _dist, model_context
-from .probe import BUILTIN, load_rows, parse_steps
+from .monitor import MAX_NEW_TOKENS, RetentionMonitor, _device, _dist, model_context
+from .probe import BUILTIN, parse_probe, parse_steps
+from .readings import readings
 
-BUILTIN_BUDGET = 2048  # probe tokens of the builtin set (prompts counted with their answer budget)
 TOPK = 32
 SHARE = 0.03  # the most of the training time the default interval lets the probe take
 REFERENCE = "retention_reference.pt"
+LOG, ITEMS, IDENTITY = "retention.jsonl", "retention_items.jsonl", "retention_probe.json"
 
 
 def tokenizer_of(trainer):
@@ -63,22 +66,46 @@ def auto_interval(base: int, probe_s: float, step_s: float, share: float = SHARE
     return base * max(1, math.ceil(probe_s / (share * step_s * base)))
 
 
-def reference_name() -> str:
-    rank, world = _dist()
+def reference_name(rank: int = 0, world: int = 1) -> str:
     return f"retention_reference.rank{rank}.pt" if world > 1 else REFERENCE
+
+
+def read_reference(folder) -> tuple:
+    """The states of the reference saved in `folder` (one per rank of the run that saved it), or (None, why).
+    Loaded with weights_only=True (tensors, numbers, strings only); a damaged or missing file is named."""
+    folder = Path(folder)
+    first = next((folder / n for n in (REFERENCE, reference_name(0, 2)) if (folder / n).is_file()), None)
+    if first is None:
+        return None, f"no saved reference in {folder}"
+    states = []
+    paths = [first]
+    while paths:
+        path = paths.pop(0)
+        if not path.is_file():
+            return None, f"{path} is missing (the run that saved the reference had {states[0].get('world')} ranks)"
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # damaged: truncated, not a torch file, unexpected objects
+            return None, (f"{path} is damaged and cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+                          f"); delete it (a valid copy elsewhere is used, else the reference is rebuilt)")
+        if not isinstance(state, dict) or "fingerprint" not in state:
+            return None, f"{path} is not a retention reference of this version of eaft-plugins"
+        states.append(state)
+        if len(states) == 1 and state.get("world", 1) > 1:
+            paths = [folder / reference_name(r, state["world"]) for r in range(1, state["world"])]
+    return states, None
 
 
 class RetentionCallback(TrainerCallback):
     """Builds the reference at train begin, measures every `steps` steps, logs through the trainer, plots."""
 
     def __init__(self, probe: str = BUILTIN, steps: Optional[int] = None, *, shown_probe: str = "retention_probe",
-                 shown_steps: str = "retention_steps", topk: Optional[int] = TOPK, max_new_tokens: int = 48,
-                 budget: Optional[int] = None):
-        self.rows = load_rows(probe, shown_probe)  # file problems stop here
+                 shown_steps: str = "retention_steps", topk: Optional[int] = TOPK,
+                 max_new_tokens: int = MAX_NEW_TOKENS):
+        self.spec = parse_probe(probe, shown_probe)  # file problems stop here
         self.probe, self.steps, self.shown = probe, parse_steps(steps, shown_steps), shown_probe
         self.shown_steps = shown_steps
-        self.topk, self.max_new_tokens = topk, max_new_tokens
-        self.budget = budget if budget is not None else (BUILTIN_BUDGET if probe.strip() == BUILTIN else None)
+        self.topk, self.max_new_tokens = (None if self.spec.exact else topk), max_new_tokens
         self.monitor: Optional[RetentionMonitor] = None
         self.trainer = None
         self.interval = None  # None until decided (default interval)
@@ -94,8 +121,8 @@ class RetentionCallback(TrainerCallback):
 
     def bind(self, trainer) -> "RetentionCallback":
         """Encode the probe for this trainer's tokenizer and model (too-long items stop here), hook its log."""
-        self.monitor = RetentionMonitor(self.rows, tokenizer_of(trainer), topk=self.topk,
-                                        max_new_tokens=self.max_new_tokens, budget=self.budget,
+        self.monitor = RetentionMonitor(self.spec.rows, tokenizer_of(trainer), topk=self.topk,
+                                        max_new_tokens=self.max_new_tokens, name=self.spec.name,
                                         context=model_context(_base_model(trainer.model)), shown=self.shown)
         self.trainer = trainer
         trainer.add_callback(self)
@@ -113,64 +140,130 @@ class RetentionCallback(TrainerCallback):
 
     # ---- training events
 
+    def _write(self, name: str, rows, mode: str = "a") -> None:
+        with open(Path(self.trainer.args.output_dir) / name, mode) as fh:
+            fh.write("".join(json.dumps(r) + "\n" for r in rows))
+
     def _probe(self, state, build: bool) -> dict:
-        trainer = self.trainer
+        trainer, mon = self.trainer, self.monitor
         autocast = getattr(trainer, "autocast_smart_context_manager", None) or _null
         t0 = time.perf_counter()
-        run = self.monitor.build_reference if build else self.monitor.measure
-        values = run(trainer.model, autocast)
+        if build:
+            mon.build_reference(trainer.model, autocast)
+            table = mon.base
+        else:
+            table = mon.measure_table(trainer.model, autocast)
+        values = readings(mon.kinds, table, mon.base)
         spent = time.perf_counter() - t0
         self.seconds += spent
         if build:
             self.reference_seconds += spent
-        self.probe_s = self.monitor.seconds["score"] if build else spent
-        self.history.append({"step": state.global_step, **values})
+        self.probe_s = mon.seconds["score"] if build else spent
+        self.history.append({"step": state.global_step, **values, "probe": mon.fingerprint()})
         if state.is_world_process_zero:
-            with open(Path(trainer.args.output_dir) / "retention.jsonl", "a") as fh:
-                fh.write(json.dumps(self.history[-1]) + "\n")
+            self._write(LOG, self.history[-1:])
+            self._write(ITEMS, [{"step": state.global_step, "table": table.tolist()}])
         return values
 
     def _load_reference(self, args, state) -> bool:
-        """On resume: the reference saved by the first run (its checkpoint or output_dir); False if none fits."""
+        """On resume: the reference saved by the first run (its checkpoint or output_dir, any world size); the
+        first place whose files are whole and fit wins. False (on every rank) if none does."""
         out = Path(args.output_dir)
         places = [Path(args.resume_from_checkpoint)] if isinstance(args.resume_from_checkpoint, str) else []
         places = list(dict.fromkeys(places + [out / f"checkpoint-{state.global_step}", out]))
-        why = "no saved reference was found in " + ", ".join(str(p) for p in places)
+        whys = []
+        loaded = False
         for place in places:
-            path = place / reference_name()
-            if path.is_file():
-                why = self.monitor.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-                if why is None:
-                    return True
-                why = f"{path} does not fit: {why}"
-        if state.is_world_process_zero:
-            print(f"[eaft-plugins] {self.shown}: resumed at step {state.global_step} and {why}; the retention "
-                  "reference is rebuilt from the resumed model, NOT the model before fine-tuning", flush=True)
-        return False
+            states, why = read_reference(place)
+            if states is not None:
+                why = self.monitor.load_state_dicts(states)
+                why = None if why is None else f"{place}: the saved reference does not fit: {why}"
+            if why is None:
+                loaded = True
+                break
+            whys.append(why)
+            if state.is_world_process_zero and "damaged" in why:
+                print(f"[eaft-plugins] {self.shown}: {why}", flush=True)
+        if _dist()[1] > 1:  # every rank must take the same road (the probe is a collective)
+            t = torch.tensor([int(loaded)], dtype=torch.long, device=_device(self.trainer.model))
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+            if loaded and not t.item():
+                whys.append("another rank could not load it")
+            loaded = bool(t.item())
+        if not loaded and state.is_world_process_zero:
+            print(f"[eaft-plugins] {self.shown}: resumed at step {state.global_step} and {'; '.join(whys)}; the "
+                  "retention reference is rebuilt from the resumed model, NOT the model before fine-tuning", flush=True)
+        return loaded
 
     def _save_reference(self, folder) -> None:
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        torch.save(self.monitor.state_dict(), Path(folder) / reference_name())
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        rank, world = _dist()
+        torch.save(self.monitor.state_dict(), folder / reference_name(rank, world))
+        stale = folder / (reference_name(0, 2) if world == 1 else REFERENCE)  # another world size's, read first
+        if rank == 0 and stale.is_file():
+            stale.unlink()
+
+    def _keep_apart(self, out: Path, step: int) -> None:
+        """A rebuilt reference starts a new curve: the earlier points (another reference) move to their own files."""
+        moved = []
+        for name in (LOG, ITEMS, IDENTITY):
+            path = out / name
+            if path.is_file() and path.stat().st_size:
+                target = path.with_name(f"{path.stem}.before-step{step}{path.suffix}")
+                path.replace(target)
+                moved.append(target.name)
+        if moved:
+            print(f"[eaft-plugins] {self.shown}: the earlier points (measured against the first run's reference) "
+                  f"are kept apart in {', '.join(moved)}; {LOG} starts again at step {step}", flush=True)
+
+    def _announce(self, state) -> None:
+        mon = self.monitor
+        capped, answers = mon.capped
+        if _dist()[1] > 1:
+            t = torch.tensor([capped, answers], dtype=torch.long, device=_device(self.trainer.model))
+            torch.distributed.all_reduce(t)
+            capped, answers = t.tolist()
+        if state.is_world_process_zero:
+            n = mon.identity()["items"]
+            print(f"[eaft-plugins] {self.shown}: probe {mon.name} ({n['prompt']} prompts, {n['text']} texts, "
+                  f"{n['mc']} multiple-choice items; {mon.tokens} probe tokens); {capped} of {answers} greedy base "
+                  f"answers reached the {mon.max_new_tokens}-token cap", flush=True)
+
+    def _note_fsdp(self, args, state) -> None:
+        """A Trainer given `fsdp` on CPU trains with DDP (accelerate turns FSDP on only for accelerator devices)."""
+        if getattr(args, "fsdp", None) and not _sharded(self.trainer.model) and state.is_world_process_zero:
+            print(f"[eaft-plugins] {self.shown}: `fsdp` is set, but the Trainer runs DDP "
+                  f"({type(getattr(self.trainer, 'model_wrapped', None)).__name__}: accelerate turns FSDP on only for "
+                  "accelerator devices, not on CPU); the monitor measures the unsharded model", flush=True)
 
     def on_train_begin(self, args, state, control, **kwargs):
+        self._note_fsdp(args, state)
         self.base_interval = self.steps or default_interval(args, state)
         self.interval = self.steps
         out = Path(args.output_dir)
-        log = out / "retention.jsonl"
         self.history = []
         if state.global_step > 0 and self._load_reference(args, state):
-            if log.is_file():  # the first run's curve, up to where this run resumes
-                self.history = [r for r in map(json.loads, log.read_text().splitlines())
-                                if r.get("step", 0) < state.global_step]
-            if state.is_world_process_zero:
-                log.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+            if state.is_world_process_zero:  # the first run's points, up to where this run resumes
+                for name in (LOG, ITEMS):
+                    rows = [json.loads(x) for x in (out / name).read_text().splitlines()] if (out / name).is_file() else []
+                    rows = [r for r in rows if r.get("step", 0) < state.global_step]
+                    if name == LOG:
+                        self.history = rows
+                    self._write(name, rows, "w")
             values = self._probe(state, build=False)
         else:
             if state.is_world_process_zero:
                 out.mkdir(parents=True, exist_ok=True)
-                log.write_text("")
+                if state.global_step > 0:
+                    self._keep_apart(out, state.global_step)
+                for name in (LOG, ITEMS):
+                    (out / name).write_text("")
             values = self._probe(state, build=True)
             self._save_reference(out)
+            self._announce(state)
+        if state.is_world_process_zero:
+            (out / IDENTITY).write_text(json.dumps(self.monitor.identity(), indent=1))
         self.trainer.log(dict(values))  # the step-0 (or resumed step) entry
         self.clock = (time.perf_counter(), state.global_step, self.seconds)
 
@@ -216,6 +309,18 @@ def _null():
     import contextlib
 
     return contextlib.nullcontext()
+
+
+def _sharded(model) -> bool:
+    """FSDP (v1 wrapper or v2 fully_shard) holds the model's parameters."""
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # an older torch: FSDP2 not there
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        FSDPModule = FullyShardedDataParallel
+    return isinstance(model, (FullyShardedDataParallel, FSDPModule))
 
 
 def _base_model(model):

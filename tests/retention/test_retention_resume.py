@@ -1,6 +1,7 @@
 """The retention monitor on a real transformers.Trainer: the default interval follows the measured cost, and a
 run resumed from a checkpoint measures against the model before fine-tuning (the saved reference), not the
-checkpoint. A tiny random Llama with SmolLM2's tokenizer keeps it to seconds; each run is its own process
+checkpoint; a damaged reference file is named and the next valid copy used; a rebuilt reference keeps the earlier
+points apart. A tiny random Llama with SmolLM2's tokenizer keeps it to seconds; each run is its own process
 (ms-swift, imported by other tests, patches transformers.Trainer in-process)."""
 
 import json
@@ -58,6 +59,10 @@ def test_auto_interval_keeps_the_probe_under_its_share():
     assert auto_interval(7, probe_s=0.0, step_s=1.0) == 7 and auto_interval(7, probe_s=1.0, step_s=0.0) == 7
 
 
+def numeric(row):
+    return {k: v for k, v in row.items() if isinstance(v, (int, float))}
+
+
 @pytest.fixture(scope="module")
 def first(smollm2_dir, tmp_path_factory):
     base = tmp_path_factory.mktemp("resume")
@@ -68,6 +73,7 @@ def first(smollm2_dir, tmp_path_factory):
     return base, probe, out, points
 
 
+@pytest.mark.e2e
 def test_reference_saved_in_output_dir_and_checkpoints(first):
     _, _, out, points = first
     assert [p["step"] for p in points] == list(range(7)) and points[0]["retention/kl_base"] == 0.0
@@ -76,6 +82,7 @@ def test_reference_saved_in_output_dir_and_checkpoints(first):
         assert (folder / "retention_reference.pt").is_file(), folder
 
 
+@pytest.mark.e2e
 def test_resumed_run_measures_against_the_model_before_fine_tuning(smollm2_dir, first):
     _, probe, out, points = first
     again, log = run(smollm2_dir, out, probe, resume=str(out / "checkpoint-2"))
@@ -85,20 +92,47 @@ def test_resumed_run_measures_against_the_model_before_fine_tuning(smollm2_dir, 
     # At the resumed step the model is checkpoint-2: its KL from the base is the first run's (the reference is
     # the base's, not a rebuild from checkpoint-2, which would give 0); later steps replay the same batches.
     for got, want in zip(again[2:], points[2:]):
-        for key, value in want.items():
+        for key, value in numeric(want).items():
             assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-9), (got["step"], key)
 
 
-def test_resume_with_another_probe_says_it_rebuilds(smollm2_dir, first, tmp_path):
-    base, probe, out, _ = first
+@pytest.mark.e2e
+def test_damaged_checkpoint_reference_is_named_and_output_dir_copy_used(smollm2_dir, first, tmp_path):
+    import shutil
+
+    _, probe, out, points = first
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    damaged = copy / "checkpoint-4" / "retention_reference.pt"
+    damaged.write_bytes(damaged.read_bytes()[:100])  # truncated, as by a full disk
+    again, log = run(smollm2_dir, copy, probe, resume=str(copy / "checkpoint-4"))
+    assert f"{damaged} is damaged and cannot be read" in log and "delete it" in log
+    assert "weights_only" not in log and "Traceback" not in log
+    assert "NOT the model before fine-tuning" not in log  # output_dir's copy, the same base, was used
+    assert numeric(again[4]) == pytest.approx(numeric(points[4]), rel=1e-4, abs=1e-9)
+
+
+@pytest.mark.e2e
+def test_resume_with_another_probe_rebuilds_and_keeps_the_earlier_points_apart(smollm2_dir, first, tmp_path):
+    import shutil
+
+    base, probe, out, points = first
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
     other = tmp_path / "other.jsonl"
     other.write_text(PROBE + '{"text": "Water boils at one hundred degrees."}\n')
-    again, log = run(smollm2_dir, out, other, resume=str(out / "checkpoint-4"))
+    again, log = run(smollm2_dir, copy, other, resume=str(copy / "checkpoint-4"))
     assert "does not fit: it was built from another probe" in log
     assert "NOT the model before fine-tuning" in log
     assert again[0]["step"] == 4 and again[0]["retention/kl_base"] == 0.0
+    assert "earlier points (measured against the first run's reference) are kept apart in " \
+           "retention.before-step4.jsonl" in log
+    kept = [json.loads(x) for x in (copy / "retention.before-step4.jsonl").read_text().splitlines()]
+    assert [p["step"] for p in kept] == [p["step"] for p in points]
+    assert (copy / "retention_items.before-step4.jsonl").is_file()
 
 
+@pytest.mark.e2e
 def test_default_interval_is_printed_and_followed(smollm2_dir, first, tmp_path):
     _, probe, _, _ = first
     points, log = run(smollm2_dir, tmp_path / "auto", probe, steps="auto")
