@@ -201,9 +201,11 @@ class RetentionConfig:
     "eaft_* key without EAFT" rules never see them."""
 
     probe: Optional[str] = field(default=None, metadata={
-        "help": "retention monitor (any loss, SFT or EAFT): `builtin` (the package's ~2k-token general probe set) "
-                "or a JSONL file of {\"text\"} / {\"prompt\"} / {\"question\", \"choices\", \"answer\"} rows; logs "
-                "retention/kl_base, retention/text_nll, retention/mc_logp and draws retention.png (docs/retention.md)",
+        "help": "retention monitor (any loss, SFT or EAFT): `builtin` (12 prompts, texts and multiple-choice items "
+                "from public datasets), `builtin-large` (64 of each, for an end-of-run reading) or a JSONL file of "
+                "{\"text\"} / {\"prompt\"} / {\"question\", \"choices\", \"answer\"} rows, optionally + `:exact` "
+                "(exact KL); logs retention/kl_base, text_nll, mc_prob, mc_acc, ... with standard errors, draws "
+                "retention.png (docs/retention.md)",
         "kind": "probe", "key": "retention_probe"})
     steps: Optional[int] = field(default=None, metadata={
         "help": "optimizer steps between two retention probes (default: the logging interval, else the eval "
