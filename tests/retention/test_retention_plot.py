@@ -132,6 +132,10 @@ def test_compare_cli_reports_intervals_and_draws(tmp_path, capsys):
     assert "EAFT higher" in text  # text NLL change: +2 and +1.9 per text, tight
     assert "within noise (the interval holds 0)" in text
     assert json.loads((tmp_path / "d.json").read_text())["differences"]["EAFT"]["text_nll_delta"]["diff"] > 0
+    try:
+        import matplotlib  # noqa: F401  (absent in some venvs: then the note, tested above)
+    except ImportError:
+        return
     assert out.stat().st_size > 1000
 
 
