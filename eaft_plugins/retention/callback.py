@@ -159,7 +159,7 @@ class RetentionCallback(TrainerCallback):
         if build:
             self.reference_seconds += spent
         self.probe_s = mon.seconds["score"] if build else spent
-        self.history.append({"step": state.global_step, **values, "probe": mon.fingerprint()})
+        self.history.append({"step": state.global_step, **values})
         if state.is_world_process_zero:
             self._write(LOG, self.history[-1:])
             self._write(ITEMS, [{"step": state.global_step, "table": table.tolist()}])
