@@ -59,11 +59,26 @@ def default_interval(args, state) -> int:
     return max(1, state.max_steps // epochs)
 
 
-def auto_interval(base: int, probe_s: float, step_s: float, share: float = SHARE) -> int:
-    """The smallest multiple of `base` steps whose training time is at least probe_s / share."""
+def measurements(now: int, last: int, interval: int) -> int:
+    """Probes after step `now` up to `last` at this interval, the always-measured last step included."""
+    return last // interval - now // interval + (1 if last % interval else 0)
+
+
+def auto_interval(base: int, probe_s: float, step_s: float, share: float = SHARE, now: int = 0,
+                  last: Optional[int] = None) -> int:
+    """The smallest multiple of `base` steps whose probes take at most `share` of the training time. With the run's
+    last step known, the probes still to come (the last step's included) are counted against the steps still to
+    come; when even the last step's probe alone is over the share, the interval runs past the end (only the last
+    step is measured)."""
     if probe_s <= 0 or step_s <= 0:
         return base
-    return base * max(1, math.ceil(probe_s / (share * step_s * base)))
+    k = base * max(1, math.ceil(probe_s / (share * step_s * base)))  # the periodic share alone
+    if not last or last <= now:
+        return k
+    budget = share * step_s * (last - now)
+    while k <= last and measurements(now, last, k) * probe_s > budget:
+        k += base
+    return k
 
 
 def reference_name(rank: int = 0, world: int = 1) -> str:
@@ -271,14 +286,19 @@ class RetentionCallback(TrainerCallback):
         """The default interval, once: the same on every rank (the probe is a collective)."""
         t0, step0, probed = self.clock
         step_s = (time.perf_counter() - t0 - (self.seconds - probed)) / max(state.global_step - step0, 1)
-        n = auto_interval(self.base_interval, self.probe_s, step_s)
+        last = state.max_steps if state.max_steps and state.max_steps > 0 else None
+        n = auto_interval(self.base_interval, self.probe_s, step_s, now=state.global_step, last=last)
         if _dist()[1] > 1:
             t = torch.tensor([n], dtype=torch.long, device=_device(self.trainer.model))
             torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
             n = int(t.item())
         if state.is_world_process_zero:
-            why = (f", lengthened so one probe ({self.probe_s:.2f} s) stays under {SHARE:.0%} of the training time "
-                   f"({step_s:.2f} s a step)") if n > self.base_interval else ""
+            why = (f", lengthened so the probes (one: {self.probe_s:.2f} s) stay under {SHARE:.0%} of the training "
+                   f"time ({step_s:.2f} s a step)") if n > self.base_interval else ""
+            if last and n > last:
+                share = self.probe_s / (step_s * max(last - state.global_step, 1))
+                why += (f"; only the last step is measured, and its probe alone is {share:.1%} of the remaining "
+                        "training" if share > SHARE else "; only the last step is measured")
             print(f"[eaft-plugins] {self.shown}: measuring every {n} steps ({self.shown_steps} not set: the trainer's "
                   f"logging interval {self.base_interval}{why}); set {self.shown_steps} to choose", flush=True)
         return n

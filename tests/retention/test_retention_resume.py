@@ -59,6 +59,27 @@ def test_auto_interval_keeps_the_probe_under_its_share():
     assert auto_interval(7, probe_s=0.0, step_s=1.0) == 7 and auto_interval(7, probe_s=1.0, step_s=0.0) == 7
 
 
+@pytest.mark.parametrize("probe_s, step_s, now, last", [(5.0, 3.0, 10, 120), (61.0, 24.6, 10, 120),
+                                                        (61.0, 24.6, 10, 60), (1.0, 3.0, 10, 1000), (5.0, 3.0, 10, 95)])
+def test_auto_interval_counts_the_last_steps_probe(probe_s, step_s, now, last):
+    """With the run's length known, every probe still to come, the always-measured last step's included, fits in
+    the share, or only the last step is measured (when its probe alone is over)."""
+    from eaft_plugins.retention.callback import measurements
+
+    n = auto_interval(10, probe_s, step_s, now=now, last=last)
+    periodic = auto_interval(10, probe_s, step_s)  # the share between two probes alone: where the search starts
+    budget = SHARE * step_s * (last - now)
+    assert n % 10 == 0 and n >= periodic
+    over = [k for k in range(periodic, min(n, last + 1), 10) if measurements(now, last, k) * probe_s > budget]
+    assert over == list(range(periodic, min(n, last + 1), 10))  # every shorter interval is over the share
+    if n <= last:
+        assert measurements(now, last, n) * probe_s <= budget
+    else:  # none fits: only the last step is measured
+        assert measurements(now, last, n) == 1
+    # the periodic rule alone (the last step not counted) would have been over: 120 steps, interval 90
+    assert measurements(10, 120, 90) == 2 and measurements(10, 120, 120) == 1 and measurements(0, 60, 20) == 3
+
+
 def numeric(row):
     return {k: v for k, v in row.items() if isinstance(v, (int, float))}
 
