@@ -226,7 +226,7 @@ class RetentionMonitor:
         return readings(self.kinds, table, self.base)
 
     def _reset(self):
-        self.answers, self.local, self.ready = {}, [], False
+        self.answers, self.local, self.ready, self.capped = {}, [], False, (0, 0)
         for s in self.seqs:  # a second build (train() called again) starts from the prompts again
             if s.role == "prompt":
                 s.ids, s.ref = s.ids[:s.start], {}
