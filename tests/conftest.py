@@ -1,6 +1,10 @@
-"""Shared fixtures: the real SmolLM2 model and the shared data folder."""
+"""Shared fixtures (the real SmolLM2 model, the shared data folder), the fast lane's guard (lanes.py) and the
+slowest test files, printed at the end of every run."""
 
+import contextlib
 import os
+import time
+from collections import defaultdict
 from pathlib import Path
 
 import pytest
@@ -50,3 +54,45 @@ def pytest_collection_modifyitems(session, config, items):
     # transformers.Trainer globally (swift/trainers/patcher.py), which a plain-Trainer test there must not see.
     first = {ROOT / "tests" / "ops", ROOT / "tests" / "models"}
     items.sort(key=lambda item: 0 if first & set(Path(str(item.fspath)).parents) else 1)
+
+
+# ---- lanes: `e2e` / `dist` tests run in CI; `scripts/test.sh --fast` runs the rest (see docs/testing.md)
+
+
+def _lane(item):
+    if item.get_closest_marker("e2e") or item.get_closest_marker("dist"):
+        return contextlib.nullcontext()
+    from lanes import guard
+
+    return guard(item.nodeid)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    with _lane(item):  # covers the module / session fixtures this test is the first to need
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    with _lane(item):
+        return (yield)
+
+
+# ---- where the time goes: the slowest test files, printed before pytest's closing line
+
+_FILE_SECONDS = defaultdict(float)
+_STARTED = time.time()
+
+
+def pytest_runtest_logreport(report):
+    _FILE_SECONDS[report.nodeid.split("::")[0]] += report.duration
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _FILE_SECONDS:
+        return
+    total = time.time() - _STARTED
+    terminalreporter.section(f"slowest test files (of {total:.0f} s in all, setup and teardown included)")
+    for path, seconds in sorted(_FILE_SECONDS.items(), key=lambda kv: -kv[1])[:15]:
+        terminalreporter.write_line(f"{seconds:8.1f} s  {100 * seconds / max(total, 1e-9):5.1f}%  {path}")

@@ -74,12 +74,14 @@ def test_when_imported_runs_after_the_submodule_loads_and_at_once_if_loaded(tmp_
     assert out.stdout.strip() == "[('late', 1), ('now', 1)] SourceFileLoader", out.stderr
 
 
+@pytest.mark.e2e
 def test_importing_llamafactory_patches_it_and_disable_turns_that_off():
     needs_llamafactory()
     assert python(PARSER_MODULE).stdout.strip() == PATCHED
     assert python(PARSER_MODULE, EAFT_PLUGINS_DISABLE="1").stdout.strip() == UPSTREAM
 
 
+@pytest.mark.e2e
 def test_install_activates_explicitly_when_the_bootstrap_is_off():
     needs_llamafactory()
     code = "import eaft_plugins; eaft_plugins.install(['llamafactory']); " + PARSER_MODULE
@@ -87,6 +89,7 @@ def test_install_activates_explicitly_when_the_bootstrap_is_off():
     assert out.stdout.strip() == PATCHED, out.stderr[-2000:]
 
 
+@pytest.mark.e2e
 def test_doctor_when_disabled_says_so_and_patches_nothing():
     needs_llamafactory()
     out = python(None, args=["-m", "eaft_plugins", "doctor"], EAFT_PLUGINS_DISABLE="1")
@@ -103,6 +106,7 @@ def fake_release(tmp_path):
     return tmp_path
 
 
+@pytest.mark.e2e
 def test_unsupported_release_is_named_by_doctor_and_refused_when_eaft_is_requested(fake_release, smollm2_dir):
     needs_llamafactory()
     doctor = python(None, args=["-m", "eaft_plugins", "doctor"], pythonpath=fake_release)

@@ -216,6 +216,7 @@ def _result(res):
     return json.loads(line[len("RESULT"):])
 
 
+@pytest.mark.e2e
 def test_llamafactory_parses_every_yaml(smollm2_dir, tmp_path):
     # Overrides only what CPU parsing needs: the local model, no DeepSpeed (needs torchrun +
     # GPUs), no bf16 (CPU), a scratch output_dir. Loss keys and hyperparameters are untouched.
@@ -270,6 +271,7 @@ def _swift_argv(domain, method, smollm2_dir, tmp_path):
                    "--torch_dtype", "float32", "--dataset", str(data), "--output_dir", str(tmp_path / f"{domain}-{method}")]
 
 
+@pytest.mark.e2e
 def test_swift_sft_arguments_parse_every_launcher(smollm2_dir, tmp_path):
     jobs = {f"{d}/{m}": _swift_argv(d, m, smollm2_dir, tmp_path) for d in DOMAINS for m in METHODS}
     res = subprocess.run([sys.executable, "-c", SWIFT_PARSE, json.dumps(jobs)], capture_output=True, text=True,
@@ -562,14 +564,14 @@ def _smoke_data(domain, shared_data, data_dir: Path) -> str:
 @pytest.mark.e2e
 @pytest.mark.parametrize("domain", DOMAINS)
 def test_recipe_trains_for_real_on_cpu(domain, smollm2_dir, shared_data, tmp_path):
-    """The domain's EAFT recipe through `llamafactory-cli train`, 3 steps, model swapped for SmolLM2."""
+    """The domain's EAFT recipe through `llamafactory-cli train`, 2 steps, model swapped for SmolLM2."""
     cfg = yaml.safe_load((RECIPES / domain / "llamafactory" / "eaft.yaml").read_text())
     loss_keys = {k: v for k, v in cfg.items() if k in LOSS_KEYS}
     data_dir = tmp_path / "data"
     dataset = _smoke_data(domain, shared_data, data_dir)
     cfg.update({  # the CPU-scale override; loss keys and optimiser settings stay the recipe's
         "model_name_or_path": str(smollm2_dir), "template": "chatml", "dataset_dir": str(data_dir), "dataset": dataset,
-        "deepspeed": None, "bf16": False, "max_steps": 3, "cutoff_len": 256, "per_device_train_batch_size": 2,
+        "deepspeed": None, "bf16": False, "max_steps": 2, "cutoff_len": 160, "per_device_train_batch_size": 2,
         "gradient_accumulation_steps": 1, "output_dir": str(tmp_path / "out"), "save_strategy": "no",
         "logging_steps": 1, "preprocessing_num_workers": None, "dataloader_num_workers": 0, "plot_loss": False,
         "warmup_ratio": 0.0,
@@ -582,9 +584,9 @@ def test_recipe_trains_for_real_on_cpu(domain, smollm2_dir, shared_data, tmp_pat
                          env=_env(), timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
     state = json.loads((tmp_path / "out" / "trainer_state.json").read_text())
-    assert state["global_step"] == 3
+    assert state["global_step"] == 2
     logs = [h for h in state["log_history"] if "loss" in h]
-    assert len(logs) == 3 and all(math.isfinite(h["loss"]) and h["loss"] > 0 for h in logs)
+    assert len(logs) == 2 and all(math.isfinite(h["loss"]) and h["loss"] > 0 for h in logs)
     # EAFT really ran: the plugin's per-step metrics are there, weights in [0, 1]
     weights = [h["eaft/weight"] for h in state["log_history"] if "eaft/weight" in h]
     assert weights, f"no eaft/* metrics logged; log_history={state['log_history']}"

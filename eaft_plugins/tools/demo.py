@@ -17,26 +17,11 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Optional
 
 from . import mathgen
 from .smollm2 import local_smollm2
 
 DATASET = "eaft_demo_math"
-
-
-def sft_rows(cfg: dict, n: Optional[int] = None) -> list:
-    """The first n rows (all when None) of LLaMA-Factory's own SFT dataset for a train config (its tokenizer,
-    template, cutoff): what its trainer's batches hold, for recomputing a step independently of the trainer."""
-    from llamafactory.data import get_dataset, get_template_and_fix_tokenizer
-    from llamafactory.hparams import get_train_args
-    from llamafactory.model import load_tokenizer
-
-    model_args, data_args, training_args, _, _ = get_train_args(cfg)
-    tokenizer_module = load_tokenizer(model_args)
-    template = get_template_and_fix_tokenizer(tokenizer_module["tokenizer"], data_args)
-    ds = get_dataset(template, model_args, data_args, training_args, stage="sft", **tokenizer_module)["train_dataset"]
-    return [ds[i] for i in range(len(ds) if n is None else n)]
 
 
 def write_dataset(data_dir: Path, n: int, seed: int) -> Path:

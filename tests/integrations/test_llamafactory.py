@@ -9,14 +9,8 @@ from pathlib import Path
 import pytest
 
 from eaft_plugins import EAFTOptions
-from eaft_plugins.tools.demo import (
-    cli_env,
-    log_history,
-    run_train,
-    train_config,
-    write_dataset,
-    write_yaml,
-)
+from eaft_plugins.tools.demo import cli_env, run_train, train_config, write_dataset, write_yaml
+from frameworks import Run, ddp_config, first_batch_reference, lf_train, save_with_tokenizer
 
 llamafactory = pytest.importorskip("llamafactory", reason="SKIPPED: llamafactory is not installed in this environment")
 from llamafactory.hparams import get_train_args  # noqa: E402
@@ -192,6 +186,7 @@ def test_a_release_that_defines_our_keys_is_refused():
         plugin.extend_finetuning_arguments(future)
 
 
+@pytest.mark.e2e
 def test_doctor_reports_the_patches():
     out = subprocess.run([sys.executable, "-m", "eaft_plugins", "doctor"], capture_output=True, text=True,
                          env=cli_env(), timeout=300)
@@ -200,6 +195,7 @@ def test_doctor_reports_the_patches():
     assert "patched: train.sft.trainer.CustomSeq2SeqTrainer" in out.stdout
 
 
+@pytest.mark.e2e
 def test_bootstrap_disabled_means_no_patch():
     code = ("import dataclasses, llamafactory.hparams.parser as p; "
             "print('eaft_topk' in {f.name for f in dataclasses.fields(p.FinetuningArguments)})")
@@ -213,68 +209,42 @@ def test_bootstrap_disabled_means_no_patch():
 # ---------------------------------------------------------------- real training runs
 
 
-# Run in the interpreter of the LLaMA-Factory under test, so 0.9.4 is checked against its own data pipeline.
-REFERENCE_SCRIPT = """
-import json, sys
-import torch
-from eaft_plugins import EAFTOptions, eaft_loss
-from eaft_plugins.tools.demo import sft_rows
-from transformers import AutoModelForCausalLM
-
-job = json.loads(sys.argv[1])
-ds = sft_rows(job["cfg"])
-rows = ds[:job["batch_size"]]
-supervised = lambda r: sum(1 for t in r["labels"] if t != -100)
-n_items = sum(supervised(r) for r in rows)
-model = AutoModelForCausalLM.from_pretrained(job["cfg"]["model_name_or_path"], dtype=torch.float32).eval()
-loss, ce_sum, tokens = 0.0, 0.0, 0
-with torch.no_grad():
-    for r in rows:  # one row at a time: no padding at all
-        logits = model(input_ids=torch.tensor([r["input_ids"]])).logits
-        out = eaft_loss(logits, torch.tensor([r["labels"]]), options=EAFTOptions(**job["options"]),
-                        num_items_in_batch=n_items)
-        loss += out.loss.item()
-        ce_sum += float(out.stats.ce_sum)
-        tokens += int(out.stats.tokens)
-print("REFERENCE", json.dumps({"loss": loss, "ce": ce_sum / tokens, "tokens": tokens,
-                               "all_tokens": sum(supervised(r) for r in ds)}))
-"""
+# The retention monitor rides on the plain-SFT run (it leaves the trajectory bitwise unchanged).
+RETENTION = ['{"prompt": "Name a colour."}', '{"prompt": "Say hello in French."}',
+             '{"text": "The Moon is Earth\'s only natural satellite. It causes the tides."}',
+             '{"question": "What is the capital of France?", "choices": ["Paris", "Rome", "Madrid"], "answer": 0}']
 
 
-def first_batch_reference(model_dir, data_dir, tmp_path, batch_size, options=None, python=sys.executable):
-    """Step-1 numbers recomputed independently of the trainer: LLaMA-Factory's own tokenisation of
-    the first rows, the untouched model run on each row, and the core loss summed over rows with
-    N = all supervised tokens of the batch."""
-    cfg = train_config(model_dir, data_dir, tmp_path / "unused", steps=1, cutoff_len=128)
-    job = json.dumps({"cfg": cfg, "batch_size": batch_size, "options": options or {}})
-    proc = subprocess.run([python, "-c", REFERENCE_SCRIPT, job], capture_output=True, text=True, env=cli_env(python),
-                          timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.split("REFERENCE", 1)[1])
+def config(model_dir, data_dir, out, **overrides):
+    return train_config(model_dir, data_dir, out, steps=STEPS, cutoff_len=128, **overrides)
 
 
-def train(model_dir, data_dir, out, *, env=None, python=sys.executable, history=False, **overrides):
-    cfg = train_config(model_dir, data_dir, out, steps=STEPS, cutoff_len=128, **overrides)
-    proc = run_train(write_yaml(cfg, out.parent / f"{out.name}.yaml"), python=python, env=env, check=False,
-                     capture_output=True, timeout=1800)
-    assert proc.returncode == 0, f"llamafactory-cli train failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}"
-    rows = log_history(out)
-    return rows if history else [row for row in rows if "loss" in row]
+def train(model_dir, data_dir, out, *, python=sys.executable, env=None, **overrides) -> Run:
+    return lf_train(config(model_dir, data_dir, out, **overrides), python=python, env=env)
+
+
+def reference_of(model_dir, data_dir, tmp_path, options=None, python=sys.executable):
+    """Step 1 of a 4-row batch (one micro-batch), recomputed independently (tests/frameworks.py)."""
+    return first_batch_reference(config(model_dir, data_dir, tmp_path / "unused"), 4, 4, options, python)
 
 
 @pytest.fixture(scope="module")
 def eaft_run(smollm2_dir, data_dir, tmp_path_factory):
-    return train(smollm2_dir, data_dir, tmp_path_factory.mktemp("lf") / "eaft")
+    return train(smollm2_dir, data_dir, tmp_path_factory.mktemp("lf") / "eaft").steps
 
 
 @pytest.fixture(scope="module")
 def sft_run(smollm2_dir, data_dir, tmp_path_factory):
-    return train(smollm2_dir, data_dir, tmp_path_factory.mktemp("lf") / "sft", eaft=False)
+    """Plain SFT (no use_eaft_loss) with the retention monitor measuring every step."""
+    root = tmp_path_factory.mktemp("lf")
+    probe = root / "probe.jsonl"
+    probe.write_text("\n".join(RETENTION) + "\n")
+    return train(smollm2_dir, data_dir, root / "sft", eaft=False, retention_probe=str(probe), retention_steps=1)
 
 
 @pytest.fixture(scope="module")
 def reference(smollm2_dir, data_dir, tmp_path_factory):
-    return first_batch_reference(smollm2_dir, data_dir, tmp_path_factory.mktemp("lf_ref"), batch_size=4)
+    return reference_of(smollm2_dir, data_dir, tmp_path_factory.mktemp("lf_ref"))
 
 
 @pytest.mark.e2e
@@ -296,16 +266,34 @@ def test_step_one_loss_is_our_core_loss(eaft_run, reference):
 
 @pytest.mark.e2e
 def test_plain_sft_with_the_same_seed_differs(eaft_run, sft_run, reference):
-    assert "eaft/ce" not in sft_run[0]
-    assert sft_run[0]["loss"] == pytest.approx(reference["ce"], rel=1e-4)  # plain CE on the same batch
-    assert abs(sft_run[0]["loss"] - eaft_run[0]["loss"]) > 0.05 * sft_run[0]["loss"]
+    steps = sft_run.steps
+    assert "eaft/ce" not in steps[0]
+    assert steps[0]["loss"] == pytest.approx(reference["ce"], rel=1e-4)  # plain CE on the same batch
+    assert abs(steps[0]["loss"] - eaft_run[0]["loss"]) > 0.05 * steps[0]["loss"]
+
+
+@pytest.mark.e2e
+def test_plain_sft_logs_retention_every_step(sft_run):
+    """The monitor works without EAFT: step 0 (before the first update) and every step after it, in the step's
+    own log entry, in retention.jsonl, and drawn in retention.png."""
+    rows = [r for r in sft_run.history if "retention/kl_base" in r]
+    assert [r["step"] for r in rows] == list(range(0, STEPS + 1))
+    keys = ("retention/kl_base", "retention/text_nll", "retention/text_nll_delta", "retention/mc_logp",
+            "retention/mc_logp_delta")
+    assert all(set(keys) <= set(r) for r in rows)
+    assert rows[0]["retention/kl_base"] == 0.0 and rows[0]["retention/text_nll_delta"] == 0.0
+    assert rows[-1]["retention/kl_base"] > 0  # training moved the model
+    assert all("loss" in r for r in rows[1:])
+    lines = [json.loads(x) for x in (sft_run.out_dir / "retention.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == list(range(0, STEPS + 1))
+    assert (sft_run.out_dir / "retention.png").stat().st_size > 1000
+    assert "retention curves:" in sft_run.output
 
 
 @pytest.mark.e2e
 def test_lora_run_uses_eaft_and_eval_reports_plain_ce(smollm2_dir, data_dir, tmp_path, reference):
-    history = train(smollm2_dir, data_dir, tmp_path / "lora", lora=True, history=True,
-                    eval_dataset="eaft_demo_math", eval_strategy="steps", eval_steps=STEPS,
-                    per_device_eval_batch_size=4)
+    history = train(smollm2_dir, data_dir, tmp_path / "lora", lora=True, eval_dataset="eaft_demo_math",
+                    eval_strategy="steps", eval_steps=STEPS, per_device_eval_batch_size=4).history
     rows = [row for row in history if "loss" in row]
     assert rows[0]["loss"] == pytest.approx(reference["loss"], rel=1e-4)  # LoRA starts at the base model
     assert all("eaft/weight" in row for row in rows)
@@ -317,25 +305,36 @@ def test_lora_run_uses_eaft_and_eval_reports_plain_ce(smollm2_dir, data_dir, tmp
     assert 0 < ev["eval_eaft/weight"] < 1
 
 
+@pytest.fixture(scope="module")
+def ddp_reference(ddp_setup, tmp_path_factory):
+    """Step 1 of the shared 2-rank DDP run (tests/integrations/conftest.py), recomputed in one process: accelerate
+    deals whole batches, so rank 0 holds rows 0 and 1, rank 1 rows 2 and 3, each rank's micro-batch divided by its
+    own mean weight (weight_norm=mean)."""
+    s = ddp_setup
+    cfg = ddp_config(s["model"], s["data"], tmp_path_factory.mktemp("ddp_ref") / "unused")
+    cfg.pop("ddp_backend")  # one process: no process group to start
+    return first_batch_reference(cfg, 4, [[0, 1], [2, 3]])
+
+
 @pytest.mark.e2e
-def test_weight_norm_mean_uses_the_previous_step(smollm2_dir, data_dir, tmp_path):
-    # Two micro-batches per step: the divisor must be the whole previous step's mean.
-    rows = train(smollm2_dir, data_dir, tmp_path / "wn", eaft_weight_norm="mean",
-                 per_device_train_batch_size=2, gradient_accumulation_steps=2)
-    assert rows[0]["eaft/weight"] == pytest.approx(1.0, rel=1e-6)  # first step: its own mean
-    for prev, row in zip(rows, rows[1:]):  # later: soft weights (alpha 1) / last step's mean entropy
+@pytest.mark.dist
+def test_two_process_torchrun_reduces_metrics_over_ranks(ddp_run, ddp_reference):
+    rows = ddp_run.steps
+    # Two ranks x 2 rows cover the same 4 rows as the single-process recomputation.
+    assert rows[0]["eaft/tokens"] == ddp_reference["tokens"]
+    assert rows[0]["eaft/ce"] == pytest.approx(ddp_reference["ce"], rel=1e-4)
+    assert rows[0]["loss"] == pytest.approx(ddp_reference["loss_weight_norm"], rel=1e-4)
+
+
+@pytest.mark.e2e
+@pytest.mark.dist
+def test_weight_norm_mean_divides_by_the_previous_steps_mean_over_ranks(ddp_run):
+    rows = ddp_run.steps
+    assert rows[0]["eaft/weight"] == pytest.approx(1.0, rel=1e-6)  # first step: each micro-batch its own mean
+    # Later (soft weights, alpha 1): weight = entropy / the previous step's mean entropy over BOTH ranks; a divisor
+    # reduced over one rank only would miss this by the ranks' difference.
+    for prev, row in zip(rows, rows[1:]):
         assert row["eaft/weight"] == pytest.approx(row["eaft/entropy"] / prev["eaft/entropy"], rel=1e-5)
-
-
-@pytest.mark.e2e
-def test_two_process_torchrun_reduces_metrics_over_ranks(smollm2_dir, data_dir, tmp_path, reference):
-    env = dict(cli_env(), FORCE_TORCHRUN="1", NNODES="1", NPROC_PER_NODE="2", MASTER_PORT="29731",
-               OMP_NUM_THREADS="1")
-    rows = train(smollm2_dir, data_dir, tmp_path / "ddp", env=env, per_device_train_batch_size=2, ddp_backend="gloo")
-    # Two ranks x 2 rows cover the same 4 rows as the single-process step 1.
-    assert rows[0]["eaft/tokens"] == reference["tokens"]
-    assert rows[0]["eaft/ce"] == pytest.approx(reference["ce"], rel=1e-4)
-    assert rows[0]["loss"] == pytest.approx(reference["loss"], rel=1e-4)
 
 
 @pytest.mark.e2e
@@ -357,9 +356,9 @@ def test_topk_larger_than_the_vocabulary_stops_before_training(smollm2_dir, data
 
 
 @pytest.mark.e2e
-def test_fused_run_matches_the_dense_first_step(smollm2_dir, data_dir, tmp_path, reference, eaft_run):
+def test_fused_run_matches_the_dense_run(smollm2_dir, data_dir, tmp_path, reference, eaft_run):
     """eaft_fused: true computes the loss from hidden states (no logits) and logs the same metrics."""
-    rows = train(smollm2_dir, data_dir, tmp_path / "fused", eaft_fused=True)
+    rows = train(smollm2_dir, data_dir, tmp_path / "fused", eaft_fused=True).steps
     assert rows[0]["loss"] == pytest.approx(reference["loss"], rel=1e-4)
     assert rows[0]["eaft/ce"] == pytest.approx(reference["ce"], rel=1e-4)
     assert rows[0]["eaft/tokens"] == reference["tokens"]
@@ -373,12 +372,8 @@ def test_fused_on_an_unsupported_family_stops_before_training(smollm2_dir, data_
     """A Mamba model (its forward computes its own cross-entropy) with eaft_fused: a clear error, no dense fall-back."""
     from transformers import MambaConfig, MambaForCausalLM
 
-    mamba = tmp_path / "mamba"
     config = MambaConfig(vocab_size=49152, hidden_size=32, state_size=4, num_hidden_layers=1, expand=2)
-    MambaForCausalLM(config).save_pretrained(mamba)
-    for f in smollm2_dir.iterdir():
-        if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
-            (mamba / f.name).write_bytes(f.read_bytes())
+    mamba = save_with_tokenizer(MambaForCausalLM(config), smollm2_dir, tmp_path / "mamba")
     cfg = train_config(mamba, data_dir, tmp_path / "out", steps=1, cutoff_len=64, eaft_fused=True)
     proc = run_train(write_yaml(cfg, tmp_path / "mamba.yaml"), check=False, capture_output=True, timeout=600)
     assert proc.returncode != 0
@@ -417,8 +412,8 @@ def test_llamafactory_094_gains_the_flag(smollm2_dir, data_dir, tmp_path):
                              capture_output=True, text=True).stdout.strip()
     assert version == "0.9.4"
     model_dir = model_for_transformers4(smollm2_dir, tmp_path / "smollm2_tf4")
-    rows = train(model_dir, data_dir, tmp_path / "v094", python=str(LF094), eaft_topk=10)
+    rows = train(model_dir, data_dir, tmp_path / "v094", python=str(LF094), eaft_topk=10).steps
     assert all("eaft/weight" in row for row in rows)
-    ref = first_batch_reference(model_dir, data_dir, tmp_path, 4, {"topk": 10}, python=str(LF094))
+    ref = reference_of(model_dir, data_dir, tmp_path, {"topk": 10}, python=str(LF094))
     assert rows[0]["eaft/ce"] == pytest.approx(ref["ce"], rel=1e-4)
     assert rows[0]["loss"] == pytest.approx(ref["loss"], abs=6e-5)  # transformers 4.57 rounds `loss` to 4 places

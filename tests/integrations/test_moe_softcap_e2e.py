@@ -13,33 +13,38 @@ import sys
 
 import pytest
 
-from eaft_plugins.tools.demo import cli_env, log_history, run_train, train_config, write_dataset, write_yaml
+from eaft_plugins.tools.demo import cli_env, train_config, write_dataset
+from frameworks import TESTS, lf_train, save_with_tokenizer
 
 pytest.importorskip("llamafactory", reason="SKIPPED: llamafactory is not installed in this environment")
 
 COEF = 0.5
 BATCH = 4
 
+# One process for every model's reference: {kind: its config (with `coef`)} -> {kind: {eaft, aux}}.
 REFERENCE = """
 import json, sys
+jobs = json.loads(sys.argv[1])
+sys.path.insert(0, jobs.pop("tests"))
 import torch
 from eaft_plugins import eaft_loss
-from eaft_plugins.tools.demo import sft_rows
+from frameworks import sft_rows
 from transformers import AutoModelForCausalLM
 
-job = json.loads(sys.argv[1])
-rows = sft_rows(job["cfg"], job["batch"])
-width = max(len(r["input_ids"]) for r in rows)
-pad = lambda seq, value: list(seq) + [value] * (width - len(seq))
-ids = torch.tensor([pad(r["input_ids"], 0) for r in rows])
-mask = torch.tensor([pad([1] * len(r["input_ids"]), 0) for r in rows])
-labels = torch.tensor([pad(r["labels"], -100) for r in rows])
-model = AutoModelForCausalLM.from_pretrained(job["cfg"]["model_name_or_path"], dtype=torch.float32).eval()
-with torch.no_grad():
-    out = model(input_ids=ids, attention_mask=mask, output_router_logits=job["coef"] is not None)
-    loss = eaft_loss(out.logits, labels).loss.item()
-    aux = getattr(out, "aux_loss", None)
-print("REFERENCE", json.dumps({"eaft": loss, "aux": None if aux is None else float(aux)}))
+out = {}
+for kind, job in jobs.items():
+    rows = sft_rows(job["cfg"], job["batch"])
+    width = max(len(r["input_ids"]) for r in rows)
+    pad = lambda seq, value: list(seq) + [value] * (width - len(seq))
+    ids = torch.tensor([pad(r["input_ids"], 0) for r in rows])
+    mask = torch.tensor([pad([1] * len(r["input_ids"]), 0) for r in rows])
+    labels = torch.tensor([pad(r["labels"], -100) for r in rows])
+    model = AutoModelForCausalLM.from_pretrained(job["cfg"]["model_name_or_path"], dtype=torch.float32).eval()
+    with torch.no_grad():
+        res = model(input_ids=ids, attention_mask=mask, output_router_logits=job["coef"] is not None)
+        aux = getattr(res, "aux_loss", None)
+        out[kind] = {"eaft": eaft_loss(res.logits, labels).loss.item(), "aux": None if aux is None else float(aux)}
+print("REFERENCE", json.dumps(out))
 """
 
 
@@ -60,11 +65,7 @@ def tiny_model(kind, smollm2_dir, path):
         model = transformers.Gemma2ForCausalLM(config)
         with torch.no_grad():  # logits of a few units, so the soft-cap bends them
             model.lm_head.weight.normal_(0, 0.5)
-    model.save_pretrained(path)
-    for f in smollm2_dir.iterdir():
-        if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
-            (path / f.name).write_bytes(f.read_bytes())
-    return path
+    return save_with_tokenizer(model, smollm2_dir, path)
 
 
 @pytest.fixture(scope="module")
@@ -75,41 +76,44 @@ def setup(smollm2_dir, tmp_path_factory):
     return root, data, models
 
 
-def first_step(setup, kind, name, **overrides):
+def lf_config(setup, kind, name, **overrides):
     root, data, models = setup
-    out = root / name
-    cfg = train_config(models[kind], data, out, steps=2, cutoff_len=64, per_device_train_batch_size=BATCH,
-                       **overrides)
-    proc = run_train(write_yaml(cfg, root / f"{name}.yaml"), check=False, capture_output=True, timeout=1800)
-    assert proc.returncode == 0, f"llamafactory-cli train failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}"
-    rows = [row for row in log_history(out) if "loss" in row]
+    return train_config(models[kind], data, root / name, steps=2, cutoff_len=64, per_device_train_batch_size=BATCH,
+                        **overrides)
+
+
+def first_step(setup, kind, name, **overrides):
+    rows = lf_train(lf_config(setup, kind, name, **overrides)).steps
     assert len(rows) == 2 and all(row["loss"] == row["loss"] and abs(row["loss"]) < 1e6 for row in rows)  # finite
-    return rows[0], cfg
+    return rows[0]
 
 
-def reference(cfg, coef):
-    job = json.dumps({"cfg": cfg, "batch": BATCH, "coef": coef})
-    proc = subprocess.run([sys.executable, "-c", REFERENCE, job], capture_output=True, text=True, env=cli_env(),
-                          timeout=900)
+@pytest.fixture(scope="module")
+def references(setup):
+    """Step 1 of both models recomputed in one process: eaft_loss on the saved model's logits over LLaMA-Factory's
+    own first batch, and (MoE) the aux_loss its forward returns."""
+    jobs = {kind: {"cfg": lf_config(setup, kind, f"{kind}_ref"), "batch": BATCH, "coef": COEF if kind == "moe" else None}
+            for kind in ("moe", "softcap")}
+    proc = subprocess.run([sys.executable, "-c", REFERENCE, json.dumps({**jobs, "tests": str(TESTS)})],
+                          capture_output=True, text=True, env=cli_env(), timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.split("REFERENCE", 1)[1])
 
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("fused", [False, True])
-def test_moe_step_one_loss_includes_the_router_loss(setup, fused):
-    row, cfg = first_step(setup, "moe", f"moe_{'fused' if fused else 'dense'}", moe_aux_loss_coef=COEF,
-                          eaft_fused=fused)
-    ref = reference(cfg, COEF)
+def test_moe_step_one_loss_includes_the_router_loss(setup, references, fused):
+    row = first_step(setup, "moe", f"moe_{'fused' if fused else 'dense'}", moe_aux_loss_coef=COEF, eaft_fused=fused)
+    ref = references["moe"]
     assert ref["aux"] is not None and COEF * ref["aux"] > 1e-3 * abs(ref["eaft"])  # large enough to tell
     assert row["loss"] == pytest.approx(ref["eaft"] + COEF * ref["aux"], rel=1e-4)
     assert row["loss"] != pytest.approx(ref["eaft"], rel=1e-4)
 
 
 @pytest.mark.e2e
-def test_softcapped_family_fused_step_one_loss(setup):
-    row, cfg = first_step(setup, "softcap", "softcap_fused", eaft_fused=True)
-    ref = reference(cfg, None)
+def test_softcapped_family_fused_step_one_loss(setup, references):
+    row = first_step(setup, "softcap", "softcap_fused", eaft_fused=True)
+    ref = references["softcap"]
     assert row["loss"] == pytest.approx(ref["eaft"], rel=1e-4)
 
 

@@ -65,6 +65,7 @@ def swift_loss_scale(loss_scale):
     return torch.roll(loss_scale, shifts=-1, dims=-1).view(-1)
 
 
+@pytest.mark.e2e
 def test_installing_is_enough_in_a_fresh_interpreter():
     """No import of eaft_plugins, no --external_plugins: the .pth bootstrap does the registration."""
     code = (
@@ -345,6 +346,7 @@ def metric_values(trainer, mode="train"):
     return {k: m.compute() for k, m in trainer.custom_metrics[mode].items()}
 
 
+@pytest.mark.e2e
 def test_fused_trainer_equals_dense_trainer(swift_model, tmp_path):
     """Same batches through ms-swift's own compute_loss + EAFTLoss (dense) and the fused compute_loss:
     equal losses (loss_scale and weight_norm="mean" across two optimizer steps included), equal
@@ -381,6 +383,7 @@ def test_fused_trainer_equals_dense_trainer(swift_model, tmp_path):
     handle.unpatch()
 
 
+@pytest.mark.e2e
 def test_fused_forward_wins_over_a_later_instance_forward(swift_model, tmp_path):
     """Trainer.train() applies Liger after __init__, replacing the instance's forward (liger-kernel's
     instance patch sets `model.forward`); the fused compute_loss re-patches, and stays fused."""
@@ -400,6 +403,7 @@ def test_fused_forward_wins_over_a_later_instance_forward(swift_model, tmp_path)
     assert loss == pytest.approx(want.item(), rel=1e-5)
 
 
+@pytest.mark.e2e
 def test_fused_refuses_lora_on_lm_head_before_training(swift_model, tmp_path):
     from peft import LoraConfig, get_peft_model
 
@@ -411,6 +415,7 @@ def test_fused_refuses_lora_on_lm_head_before_training(swift_model, tmp_path):
         swift_trainer(lora, template, encoded, tmp_path, True)
 
 
+@pytest.mark.e2e
 def test_fused_refuses_an_unsupported_model_family(swift_model, tmp_path):
     import transformers
 
@@ -427,12 +432,14 @@ def test_fused_refuses_an_unsupported_model_family(swift_model, tmp_path):
     assert "set --eaft_fused false" in message and "eaft_fused to false" not in message  # swift's own spelling
 
 
+@pytest.mark.e2e
 def test_topk_larger_than_the_vocabulary_stops_when_the_trainer_is_built(swift_model, tmp_path):
     model, template, encoded = swift_model
     with pytest.raises(ValueError, match=r"^--eaft_topk: topk=1000000000 is larger than the vocabulary \(49152\)"):
         swift_trainer(model, template, encoded, tmp_path, False, topk=1000000000)
 
 
+@pytest.mark.e2e
 def test_all_masked_micro_batch_logs_no_means(swift_model, tmp_path):
     model, template, encoded = swift_model
     trainer = swift_trainer(model, template, encoded, tmp_path, False)
@@ -443,6 +450,7 @@ def test_all_masked_micro_batch_logs_no_means(swift_model, tmp_path):
     assert all(v is None for v in metric_values(trainer).values())  # nothing logged over 0 tokens
 
 
+@pytest.mark.e2e
 def test_doctor_says_whether_swift_sft_can_run_here():
     """ms-swift imports in .venv (datasets 4.0) but `swift sft` would die on datasets.features.Json: doctor says so."""
     proc = subprocess.run([sys.executable, "-m", "eaft_plugins", "doctor"], capture_output=True, text=True, timeout=300)

@@ -18,6 +18,7 @@ import torch
 
 from eaft_plugins import eaft_loss
 from eaft_plugins.tools import mathgen
+from frameworks import free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -67,13 +68,14 @@ def swift_sft(model_dir, data, out, *extra, nproc=None, check=True):
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     env.pop("NPROC_PER_NODE", None)
     if nproc:
-        env.update(NPROC_PER_NODE=str(nproc), MASTER_PORT=str(29500 + os.getpid() % 1000))
+        env.update(NPROC_PER_NODE=str(nproc), MASTER_PORT=str(free_port()))
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, check=False)
     if check and proc.returncode != 0:
         raise AssertionError(f"swift sft failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     log = Path(out) / "logging.jsonl"
     rows = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     proc.eval_rows = [r for r in rows if "eval_loss" in r]
+    proc.rows = rows
     return proc, [r for r in rows if "loss" in r and "global_step/max_steps" in r]
 
 
@@ -199,9 +201,25 @@ def test_eval_loss_is_eaft_with_eval_metrics(eaft_run):
     assert ev["eval_loss"] != pytest.approx(ev["eval_eaft/ce"], rel=1e-2)
 
 
-def test_plain_swift_sft_differs_and_matches_scaled_ce(smollm2_dir, model, scaled_data, eaft_run, tmp_path):
-    data, rows = scaled_data
-    _, plain = swift_sft(smollm2_dir, data, tmp_path, "--is_binary_loss_scale", "false")
+# The retention monitor rides on the plain run (no --loss_type: it works with any loss).
+RETENTION = ('{"prompt": "Name a colour."}\n{"text": "Bees make honey from the nectar of flowers."}\n'
+             '{"question": "2 + 2 = ?", "choices": ["3", "4"], "answer": 1}\n')
+
+
+@pytest.fixture(scope="module")
+def plain_run(smollm2_dir, scaled_data, tmp_path_factory):
+    data, _ = scaled_data
+    out = tmp_path_factory.mktemp("swift_plain")
+    probe = out / "probe.jsonl"
+    probe.write_text(RETENTION)
+    proc, logged = swift_sft(smollm2_dir, data, out / "run", "--is_binary_loss_scale", "false",
+                             "--retention_probe", str(probe))
+    return proc, logged, out / "run"
+
+
+def test_plain_swift_sft_differs_and_matches_scaled_ce(smollm2_dir, model, scaled_data, eaft_run, plain_run):
+    _, rows = scaled_data
+    _, plain, _ = plain_run
     assert not any(k.startswith("eaft/") for k in plain[0])
     ref = per_token(model, encode_like_swift(smollm2_dir, rows, is_binary_loss_scale=False))
     want = float((ref["scale"] * ref["ce"]).sum() / ref["ce"].numel())
@@ -210,6 +228,24 @@ def test_plain_swift_sft_differs_and_matches_scaled_ce(smollm2_dir, model, scale
     assert abs(plain[0]["loss"] - eaft_step1) > 0.05 * plain[0]["loss"]
 
 
+def test_swift_sft_logs_retention_without_eaft(plain_run):
+    """`swift sft --retention_probe` with plain SFT, at the default interval (the logging interval, or the multiple
+    of it the monitor printed: a probe over 3% of a step's time is measured less often)."""
+    proc, _, out = plain_run
+    ret = [r for r in proc.rows if "retention/kl_base" in r]
+    line = next(x for x in (proc.stdout + proc.stderr).splitlines() if "measuring every" in x)
+    n = int(line.split("measuring every ")[1].split()[0])
+    steps = [0] + [s for s in (1, 2) if s % n == 0 or s == 2]
+    assert len(ret) == len(steps) and "--retention_steps not set" in line
+    assert ret[0]["retention/kl_base"] == 0.0 and ret[-1]["retention/kl_base"] > 0
+    assert all("loss" in r for r in ret[1:]) and "retention/mc_logp_delta" in ret[-1]
+    from eaft_plugins.retention.plot import read_run
+
+    assert [r["step"] for r in read_run(out)] == steps
+    assert (out / "retention.png").exists()
+
+
+@pytest.mark.dist
 def test_torchrun_two_processes_weight_norm_mean(smollm2_dir, model, tmp_path):
     """NPROC_PER_NODE=2 (gloo on CPU): 8 rows = step 1 over both ranks and both micro-batches.
 
@@ -275,5 +311,5 @@ def test_liger_without_fused_errors_naming_the_fix(smollm2_dir, scaled_data, tmp
     proc, _ = swift_sft(smollm2_dir, data, tmp_path, "--loss_type", "eaft", "--use_liger_kernel", "true", check=False)
     assert proc.returncode != 0
     assert "--loss_type eaft with --use_liger_kernel" in proc.stderr
-    assert "Add --eaft_fused true" in proc.stderr and "or drop --use_liger_kernel" in proc.stderr
+    assert "Set --eaft_fused true" in proc.stderr and "or --use_liger_kernel false" in proc.stderr
     assert not (tmp_path / "logging.jsonl").exists()

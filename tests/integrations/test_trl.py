@@ -9,6 +9,7 @@ untrained model and the batch TRL's own collator builds from the same rows.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -122,7 +123,21 @@ def _error(fn):
     return None
 
 
-def scenarios(out_json):
+# The retention monitor rides on scenario 1 (SFTTrainer, the default interval) and on the plain-Trainer one-liner.
+RETENTION = ['{"prompt": "Name a colour."}', '{"prompt": "Say hello in French."}',
+             '{"text": "The Moon is Earth\'s only natural satellite. It causes the tides."}',
+             '{"question": "What is the capital of France?", "choices": ["Paris", "Rome", "Madrid"], "answer": 0}']
+
+
+def _retention(trainer):
+    """What a run's retention monitor logged and wrote, and the interval it chose."""
+    out = Path(trainer.args.output_dir)
+    return {"interval": trainer._retention.interval,
+            "jsonl_steps": [json.loads(x)["step"] for x in (out / "retention.jsonl").read_text().splitlines()],
+            "png": (out / "retention.png").stat().st_size if (out / "retention.png").exists() else 0}
+
+
+def scenarios(out_json, with_hf=""):
     import tempfile
     import warnings
 
@@ -133,7 +148,10 @@ def scenarios(out_json):
     warnings.filterwarnings("ignore")
     model_dir = local_smollm2()
     tmp = Path(tempfile.mkdtemp())
+    probe = tmp / "probe.jsonl"
+    probe.write_text("\n".join(RETENTION) + "\n")
     rows, res = _rows(2, seed=3), {"trl": trl.__version__, "seconds": {}}
+    res["matplotlib"] = importlib.util.find_spec("matplotlib") is not None  # retention.png is drawn only with it
     clock = [time.perf_counter()]
 
     def lap(name):
@@ -142,12 +160,14 @@ def scenarios(out_json):
         clock[0] = now
     eaft = dict(loss_type="eaft", eaft_topk=str(TOPK), eaft_alpha=ALPHA)
 
-    # 1. EAFT, 2 steps of 2 micro-batches x 1 row (both steps see the same 2 rows), eval at step 2
+    # 1. EAFT, 2 steps of 2 micro-batches x 1 row (both steps see the same 2 rows), eval at step 2, the retention
+    #    monitor at its default interval
     t = _trainer(model_dir, tmp / "eaft", rows, max_steps=2, eval_rows=rows[:2], eval_strategy="steps", eval_steps=2,
-                 per_device_eval_batch_size=2, **eaft)
+                 per_device_eval_batch_size=2, retention_probe=str(probe), **eaft)
     res["eaft_ref"] = _reference(t)
     res["eaft"] = _train(t)
     res["eaft_args"] = {"loss_type": t.args.loss_type, "eaft_topk": t.args.eaft_topk}
+    res["eaft_retention"] = _retention(t)
     lap("eaft")
 
     # 2. TRL's own nll on the same rows
@@ -209,6 +229,9 @@ def scenarios(out_json):
         "unsupported_version": _unsupported_version(tmp / "e8"),
     }
     lap("errors")
+    if with_hf:
+        res["hf"] = hf_trainer(model_dir, tmp / "hf", probe)
+        lap("hf_trainer")
     Path(out_json).write_text(json.dumps(res))
 
 
@@ -261,19 +284,14 @@ def dist(out_dir):
     (out_dir / f"rank{rank}.json").write_text(json.dumps({"seen": seen, "logs": logs, "world": world, "ref": ref}))
 
 
-def hf_trainer(out_json):
-    """A plain transformers.Trainer made EAFT by the documented one-liner."""
-    import tempfile
-    import warnings
-
+def hf_trainer(model_dir, out, probe):
+    """A plain transformers.Trainer made EAFT by the documented one-liner, its retention monitor by the other one."""
     from datasets import Dataset
     from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
     from eaft_plugins.integrations.hf_trainer import with_eaft
-    from eaft_plugins.tools.smollm2 import local_smollm2
+    from eaft_plugins.retention import with_retention
 
-    warnings.filterwarnings("ignore")
-    model_dir = local_smollm2()
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     encoded = []
     for row in _rows(2, seed=5):
@@ -281,18 +299,19 @@ def hf_trainer(out_json):
         p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
         c_ids = tok(row["completion"][0]["content"] + tok.eos_token, add_special_tokens=False)["input_ids"]
         encoded.append({"input_ids": p_ids + c_ids, "labels": [IGNORE] * len(p_ids) + c_ids})
-    args = TrainingArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=1,
-                             gradient_accumulation_steps=2, max_steps=1, logging_steps=1, save_strategy="no",
-                             report_to="none", use_cpu=True, learning_rate=5e-4, seed=0)
+    args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=1, gradient_accumulation_steps=2,
+                             max_steps=2, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True,
+                             learning_rate=5e-4, seed=0)
     collator = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=IGNORE)
     trainer = Trainer(model=_model(model_dir), args=args, train_dataset=Dataset.from_list(encoded),
-                      data_collator=collator)
+                      data_collator=collator, processing_class=tok)
     trainer = with_eaft(trainer, eaft_topk=TOPK, eaft_alpha=str(ALPHA))  # the documented one-liner
+    with_retention(trainer, probe=str(probe), steps=1)
     ref = _reference(trainer)
     logs = _train(trainer)
     bad = _error(lambda: with_eaft(Trainer(model=_model(model_dir), args=args, data_collator=collator),
                                    eaft_gate="sharp"))
-    Path(out_json).write_text(json.dumps({"ref": ref, "logs": logs, "bad": bad}))
+    return {"ref": ref, "logs": logs, "bad": bad, "retention": _retention(trainer)}
 
 
 # ================================================================================================
@@ -331,7 +350,8 @@ def _run(cmd, timeout=900, threads=2):
 def run(request, smollm2_dir, tmp_path_factory):
     python = _python(request.param)
     out = tmp_path_factory.mktemp(f"trl_{request.param}") / "result.json"
-    _run([python, str(Path(__file__)), "scenarios", str(out)])
+    # the plain-Trainer one-liner runs beside TRL 0.24 (its transformers is LLaMA-Factory's)
+    _run([python, str(Path(__file__)), "scenarios", str(out), "hf" if request.param == "trl024" else ""])
     result = json.loads(out.read_text())
     if request.param == "trl-newest":
         assert not result["trl"].startswith("0."), result["trl"]
@@ -352,6 +372,7 @@ def _check_step1(row, ref, rel=2e-4):
     assert row["eaft/tokens"] == ref["tokens"]
 
 
+@pytest.mark.e2e
 def test_step1_loss_and_metrics_equal_recomputation(run):
     ref = run["eaft_ref"]
     assert ref["rows"] == 2 and ref["rows_with_prompt_masked"] == 2  # completion-only labels (prompt masked)
@@ -365,6 +386,7 @@ def test_step1_loss_and_metrics_equal_recomputation(run):
     assert run["eaft_args"] == {"loss_type": "eaft", "eaft_topk": str(TOPK)}
 
 
+@pytest.mark.e2e
 def test_eval_loss_is_eaft_with_eval_metrics(run):
     evals = [r for r in run["eaft"] if "eval_loss" in r]
     assert len(evals) == 1, run["eaft"]
@@ -376,6 +398,7 @@ def test_eval_loss_is_eaft_with_eval_metrics(run):
     assert ev["eval_loss"] < ev["eval_eaft/ce"]  # weighted by Htilde ** 0.5 < 1: not the plain CE
 
 
+@pytest.mark.e2e
 def test_nll_differs_and_equals_plain_ce(run):
     nll = _steps(run["nll"])[0]
     assert not any(k.startswith("eaft/") for k in nll)
@@ -384,11 +407,13 @@ def test_nll_differs_and_equals_plain_ce(run):
     assert abs(nll["loss"] - eaft) > 0.05 * nll["loss"]
 
 
+@pytest.mark.e2e
 def test_lora(run):
     assert run["lora_type"].startswith("Peft")
     _check_step1(_steps(run["lora"])[0], run["lora_ref"])
 
 
+@pytest.mark.e2e
 def test_packing_padding_free(run):
     ref = run["packing_ref"]
     assert ref["padding_free"] and ref["rows"] == 1  # one packed row, position_ids, no attention mask
@@ -398,12 +423,14 @@ def test_packing_padding_free(run):
     assert ref["loss"] == pytest.approx(run["eaft_ref"]["loss"], rel=1e-3)
 
 
+@pytest.mark.e2e
 def test_fused(run):
     row = _steps(run["fused"])[0]
     _check_step1(row, run["fused_ref"], rel=1e-4)
     assert "mean_token_accuracy" not in row  # no logits were built
 
 
+@pytest.mark.e2e
 def test_assistant_only_loss(run):
     ref = run["assistant_ref"]
     # exactly the assistant turns (content + end of turn) are supervised: TRL's assistant masks reached the loss
@@ -411,6 +438,7 @@ def test_assistant_only_loss(run):
     _check_step1(_steps(run["assistant"])[0], ref)
 
 
+@pytest.mark.e2e
 def test_refused_settings_name_the_field(run):
     e = run["errors"]
     assert "SFTConfig field `eaft_topk` (--eaft_topk)" in e["topk_over_vocab"] and "vocabulary" in e["topk_over_vocab"]
@@ -428,10 +456,14 @@ def test_refused_settings_name_the_field(run):
     assert "found trl 0.29.1" in e["unsupported_version"]
 
 
+@pytest.mark.e2e
+@pytest.mark.dist
 def test_torchrun_two_processes_reduce_metrics(smollm2_dir, tmp_path):
+    from frameworks import free_port
+
     python = _python("trl024")
     _run([python, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-          str(29600 + os.getpid() % 1000), str(Path(__file__)), "dist", str(tmp_path)], threads=1)
+          str(free_port()), str(Path(__file__)), "dist", str(tmp_path)], threads=1)
     r0, r1 = (json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1))
     assert r0["world"] == r1["world"] == 2
     assert len(r0["seen"]) == len(r1["seen"]) == 2  # two micro-batches each
@@ -447,6 +479,7 @@ def test_torchrun_two_processes_reduce_metrics(smollm2_dir, tmp_path):
     assert _steps(r0["logs"])[0]["loss"] == pytest.approx(ref["loss"], rel=5e-3)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("venv", list(VENVS))
 def test_trl_sft_cli_with_yaml_config(venv, smollm2_dir, tmp_path):
     python = _python(venv)
@@ -475,13 +508,46 @@ def test_trl_sft_cli_with_yaml_config(venv, smollm2_dir, tmp_path):
     assert "SFTConfig field `eaft_gate` (--eaft_gate) 'sharp' is invalid" in bad.stderr
 
 
-def test_hf_trainer_one_liner(smollm2_dir, tmp_path):
-    python = _python("trl024")
-    out = tmp_path / "hf.json"
-    _run([python, str(Path(__file__)), "hf_trainer", str(out)])
-    res = json.loads(out.read_text())
+# The plain-Trainer one-liners run beside TRL 0.24's scenarios (LLaMA-Factory's transformers): that instance only.
+@pytest.mark.e2e
+@pytest.mark.parametrize("run", ["trl024"], indirect=True)
+def test_hf_trainer_one_liner(run):
+    res = run["hf"]
     _check_step1(_steps(res["logs"])[0], res["ref"])
     assert "`eaft_gate` 'sharp' is invalid" in res["bad"]
+
+
+def _retention_rows(logs, steps):
+    rows = [r for r in logs if "retention/kl_base" in r]
+    assert [r["step"] for r in rows] == steps
+    keys = ("retention/kl_base", "retention/text_nll", "retention/text_nll_delta", "retention/mc_logp",
+            "retention/mc_logp_delta")
+    assert all(set(keys) <= set(r) for r in rows)
+    assert rows[0]["retention/kl_base"] == 0.0 and rows[-1]["retention/kl_base"] > 0  # training moved the model
+    assert all("loss" in r for r in rows[1:])  # in the step's own training entry
+    return rows
+
+
+@pytest.mark.e2e
+def test_retention_monitor_beside_eaft_at_the_default_interval(run):
+    ret = run["eaft_retention"]
+    n = ret["interval"]  # the logging interval (1), or the multiple of it the monitor chose to stay under 3%
+    steps = [0] + [s for s in (1, 2) if s % n == 0 or s == 2]
+    rows = _retention_rows([r for r in run["eaft"] if "eval_loss" not in r], steps)
+    assert ret["jsonl_steps"] == steps and (ret["png"] > 1000 or not _has_matplotlib(run))
+    assert "eaft/weight" in rows[1] and "eaft/weight" not in rows[0]  # EAFT and the monitor in one entry
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("run", ["trl024"], indirect=True)
+def test_with_retention_on_a_plain_trainer(run):
+    ret = run["hf"]["retention"]
+    _retention_rows(run["hf"]["logs"], [0, 1, 2])
+    assert ret["jsonl_steps"] == [0, 1, 2] and ret["png"] > 1000
+
+
+def _has_matplotlib(run):
+    return run["matplotlib"]
 
 
 def test_sft_config_fields_come_from_the_schema():
@@ -500,4 +566,4 @@ def test_sft_config_fields_come_from_the_schema():
 
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
-    {"scenarios": scenarios, "dist": dist, "hf_trainer": hf_trainer}[sys.argv[1]](*sys.argv[2:])
+    {"scenarios": scenarios, "dist": dist}[sys.argv[1]](*sys.argv[2:])

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from eaft_plugins.tools.demo import cli_env, log_history, run_train, train_config, write_dataset, write_yaml
+from eaft_plugins.tools.demo import cli_env
+from frameworks import DDP_STEPS, ddp_config, free_port, lf_train, torchrun_env
 
 pytest.importorskip("llamafactory", reason="SKIPPED: llamafactory is not installed in this environment")
 pytest.importorskip("deepspeed", reason="SKIPPED: deepspeed is not installed, so ZeRO-3 is NOT tested; "
@@ -19,7 +20,6 @@ pytest.importorskip("deepspeed", reason="SKIPPED: deepspeed is not installed, so
 
 ROOT = Path(__file__).resolve().parents[2]
 ZERO3 = ROOT / "recipes" / "common" / "ds_z3_config.json"
-STEPS = 2
 
 # Loaded in every process of a run (PYTHONPATH): records what the fused op received as the LM head
 # weight, so the test sees that the fused path ran and that ZeRO-3 had gathered the full weight.
@@ -38,54 +38,38 @@ patch.fused_linear_eaft_loss = _probe
 """
 
 
-def train(model_dir, data_dir, out: Path, port: int, *, zero3: bool, **overrides):
-    cfg = train_config(model_dir, data_dir, out, steps=STEPS, cutoff_len=64, per_device_train_batch_size=2,
-                       ddp_backend="gloo", disable_gradient_checkpointing=True, **overrides)
-    env = dict(cli_env(), FORCE_TORCHRUN="1", NNODES="1", NPROC_PER_NODE="2", MASTER_PORT=str(port),
-               OMP_NUM_THREADS="1")
-    if zero3:
-        # use_cpu would take transformers' plain-CPU branch, which never starts DeepSpeed's communicator
-        # (DeepSpeed then sees world size 1); without a GPU the device is the CPU anyway.
-        cfg.update(deepspeed=str(ZERO3), use_cpu=False)
-        env["DS_ACCELERATOR"] = "cpu"
+def zero3(setup, name: str, **overrides):
+    """The shared DDP run's config (tests/frameworks.py ddp_config) under DeepSpeed ZeRO-3 on the CPU accelerator.
+    use_cpu would take transformers' plain-CPU branch, which never starts DeepSpeed's communicator (DeepSpeed then
+    sees world size 1); without a GPU the device is the CPU anyway."""
+    out = setup["base"] / name
+    cfg = ddp_config(setup["model"], setup["data"], out, deepspeed=str(ZERO3), use_cpu=False, **overrides)
+    env = torchrun_env(DS_ACCELERATOR="cpu")
     if overrides.get("eaft_fused"):
-        probe = out.parent / f"{out.name}_probe"
+        probe = out.parent / f"{name}_probe"
         probe.mkdir()
         (probe / "sitecustomize.py").write_text(PROBE)
         env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(probe), env.get("PYTHONPATH")])),
                    EAFT_PROBE_DIR=str(probe))
-    proc = run_train(write_yaml(cfg, out.parent / f"{out.name}.yaml"), env=env, check=False, capture_output=True,
-                     timeout=1200)
-    assert proc.returncode == 0, f"llamafactory-cli train failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}"
-    if zero3:
-        assert "DeepSpeed Final Optimizer = DeepSpeedZeroOptimizer_Stage3" in proc.stdout + proc.stderr
-    return [row for row in log_history(out) if "loss" in row]
-
-
-# Three prompts (two on rank 0, one on rank 1 plus a zero-weight copy), two texts, one choice question.
-RETENTION = ('{"prompt": "Name a colour."}\n{"text": "Bees make honey from the nectar of flowers."}\n'
-             '{"prompt": "Say hello in French."}\n{"question": "2 + 2 = ?", "choices": ["3", "4"], "answer": 1}\n'
-             '{"prompt": "What is the capital of Italy?"}\n{"text": "The Moon orbits the Earth."}\n')
+    run = lf_train(cfg, env=env)
+    assert "DeepSpeed Final Optimizer = DeepSpeedZeroOptimizer_Stage3" in run.output
+    return run
 
 
 @pytest.fixture(scope="module")
-def runs(smollm2_dir, tmp_path_factory):
-    base = tmp_path_factory.mktemp("zero3")
-    data = write_dataset(base / "data", 8, seed=1)
-    probe = base / "retention.jsonl"
-    probe.write_text(RETENTION)
-    watch = dict(retention_probe=str(probe), retention_steps=1)
+def runs(ddp_setup, ddp_run):
+    s = ddp_setup
     return {
-        "ddp": train(smollm2_dir, data, base / "ddp", 29751, zero3=False, **watch),
-        "zero3": train(smollm2_dir, data, base / "zero3", 29752, zero3=True, **watch),
-        "zero3_fused": train(smollm2_dir, data, base / "zero3_fused", 29753, zero3=True, eaft_fused=True),
-        "probe": base / "zero3_fused_probe",
-        "dirs": base, "retention": probe,
+        "ddp": ddp_run,
+        "zero3": zero3(s, "zero3", retention_probe=str(s["probe"]), retention_steps=1),
+        "zero3_fused": zero3(s, "zero3_fused", eaft_fused=True),
+        "probe": s["base"] / "zero3_fused_probe", "retention": s["probe"],
     }
 
 
 def same_steps(got, want):
-    assert [row["step"] for row in got] == [row["step"] for row in want] == list(range(1, STEPS + 1))
+    got, want = got.steps, want.steps
+    assert [row["step"] for row in got] == [row["step"] for row in want] == list(range(1, DDP_STEPS + 1))
     first, ref = got[0], want[0]
     # Step 1: the same weights and rows; ZeRO-3 only gathers the shards, so the loss is the same number.
     assert first["loss"] == pytest.approx(ref["loss"], rel=1e-6)
@@ -112,7 +96,7 @@ def test_zero3_fused_eaft_losses_equal_ddp(runs):
     # The fused op ran on both ranks, every step, on the ZeRO-3 parameter gathered to its full shape.
     for rank in (0, 1):
         calls = (runs["probe"] / f"rank{rank}.txt").read_text().split("\n")[:-1]
-        assert len(calls) == STEPS
+        assert len(calls) == DDP_STEPS
         assert set(calls) == {"True (49152, 576)"}
 
 
@@ -132,18 +116,21 @@ def test_retention_monitor_under_ddp_and_zero3(runs, smollm2_dir):
 
     curves = {}
     for name in ("ddp", "zero3"):
-        out = runs["dirs"] / name
+        out = runs[name].out_dir
         curves[name] = [json.loads(x) for x in (out / "retention.jsonl").read_text().splitlines()]
         assert [p["step"] for p in curves[name]] == [0, 1, 2]
         for rank in (0, 1):  # each rank saved its own share of the reference
             assert (out / f"retention_reference.rank{rank}.pt").is_file()
-        logged = [row for row in log_history(out) if "retention/kl_base" in row]
+        logged = [row for row in runs[name].history if "retention/kl_base" in row]
         assert [row["step"] for row in logged] == [0, 1, 2]
-    # The weights after a step differ by fp32 rounding (see same_steps): measured 4e-7 relative on mc_logp (~ -9.5),
-    # so a change from the base (a difference of two such numbers) carries ~4e-6 absolute.
+    # The weights after a step differ by fp32 rounding (see same_steps), and every reading inherits it. Measured
+    # between these two runs (steps 1-2, eaft_plugins 4b0bb84+): readings in nats or probabilities, their changes
+    # from the base and the changes' standard errors differ by at most 2.6e-6 absolute (mc_logp at step 2; a change
+    # is a small difference of two such numbers, so only an absolute bound fits it); the KL from the base, quadratic
+    # in the weight change and ~2e-4, by at most 7.7e-5 relative. The bounds below are ~8x and ~13x those.
     for got, want in zip(curves["zero3"], curves["ddp"]):
         for key, value in want.items():
-            tol = dict(abs=2e-5) if key.endswith("_delta") else dict(rel=1e-5, abs=1e-7)
+            tol = dict(rel=1e-3, abs=1e-9) if key.startswith("retention/kl_base") else dict(rel=1e-5, abs=2e-5)
             assert got[key] == pytest.approx(value, **tol), (got["step"], key)
     assert curves["ddp"][0]["retention/kl_base"] == 0.0 and curves["ddp"][2]["retention/kl_base"] > 0
 
@@ -153,8 +140,10 @@ def test_retention_monitor_under_ddp_and_zero3(runs, smollm2_dir):
     get_template_and_fix_tokenizer(tok, DataArguments(template="chatml"))
     single = RetentionMonitor(read_rows(runs["retention"]), tok)
     step0 = single.build_reference(AutoModelForCausalLM.from_pretrained(str(smollm2_dir), dtype=torch.float32))
+    # The same weights; the items are batched differently (two ranks vs one process), which moves fp32 sums by
+    # measured <= 3e-6 relative (mc_letter_prob: 0.2122847 vs 0.2122840).
     for key, value in step0.items():
-        assert curves["zero3"][0][key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+        assert curves["zero3"][0][key] == pytest.approx(value, rel=2e-5, abs=1e-9), key
 
 
 # SmolLM2 ties lm_head to the embedding; an untied head is a parameter no module forward gathers, so
@@ -201,7 +190,7 @@ print("RESULT" + json.dumps({"loss": out.loss.item(), "loss_ref": loss_ref.item(
 
 @pytest.mark.e2e
 def test_zero3_fused_untied_head_loss_and_grads_equal_the_plain_model(tmp_path):
-    env = dict(cli_env(), MASTER_ADDR="127.0.0.1", MASTER_PORT="29754", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
+    env = dict(cli_env(), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
                DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-c", UNTIED], capture_output=True, text=True, env=env, cwd=tmp_path,
                           timeout=900)

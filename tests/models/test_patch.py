@@ -190,6 +190,7 @@ def test_lora_on_lm_head_raises():
         patch_model_for_fused_eaft(model)
 
 
+@pytest.mark.e2e
 def test_hf_trainer_passes_num_items_in_batch(tmp_path):
     """A real transformers Trainer step: the patched forward gets num_items_in_batch and trains."""
     import transformers

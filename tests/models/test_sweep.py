@@ -29,7 +29,7 @@ def check(record: dict) -> None:
     assert families.counts(results)[families.VERIFIED] > 50, "the sweep verified almost nothing"
     path = families.record_path(record["transformers"])
     regenerate = (f"run `python -m eaft_plugins.models.families --write` with that venv's python, then "
-                  f"`python -m eaft_plugins.tools.doc_tables`")
+                  "`python -m eaft_plugins.tools.doc_tables`")
     assert path.is_file(), f"no stored sweep for transformers {record['transformers']}: {regenerate}"
     stored = json.loads(path.read_text())["families"]
     changed = {name: (stored.get(name, {}).get("status"), results.get(name, {}).get("status"))
@@ -44,6 +44,7 @@ def test_the_sweep_in_this_venv():
     check({"transformers": transformers.__version__, "families": families.sweep()})
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("setup_name", sorted(OTHER_VENVS))
 def test_the_sweep_in_the_other_venvs(setup_name):
     python = ROOT / OTHER_VENVS[setup_name] / "bin" / "python"

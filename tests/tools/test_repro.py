@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from eaft_plugins.tools import repro
+from eaft_plugins.tools import repro as repro_module
+from frameworks import tiny_llama
 from eaft_plugins.tools.evaluation import bootstrap_ci, paired_delta_ci
 
 
@@ -37,7 +38,7 @@ def test_paired_delta_ci():
 def test_summarize_metric_averages_seeds_per_item():
     per_seed = [[1.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0]]
     base = [0.0, 0.0, 0.0, 1.0]
-    m = repro.summarize_metric(per_seed, base)
+    m = repro_module.summarize_metric(per_seed, base)
     assert m["mean"] == pytest.approx(0.625)
     assert m["delta"] == pytest.approx(0.375)
     assert m["per_seed"] == [0.75, 0.5]
@@ -47,25 +48,27 @@ def test_summarize_metric_averages_seeds_per_item():
 def test_mean_eaft_weight_is_token_weighted():
     hist = [{"loss": 1.0, "step": 1}, {"eaft/weight": 0.2, "eaft/tokens": 100.0, "step": 1},
             {"eaft/weight": 0.5, "eaft/tokens": 300.0, "step": 2}]
-    assert repro.mean_eaft_weight(hist) == pytest.approx((0.2 * 100 + 0.5 * 300) / 400)
+    assert repro_module.mean_eaft_weight(hist) == pytest.approx((0.2 * 100 + 0.5 * 300) / 400)
     with pytest.raises(RuntimeError, match="eaft_log_metrics"):
-        repro.mean_eaft_weight([{"loss": 1.0}])
+        repro_module.mean_eaft_weight([{"loss": 1.0}])
 
 
 @pytest.fixture(scope="module")
-def repro_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("repro")
-
-
-def _run(out, *extra):
-    cmd = [sys.executable, "-m", "eaft_plugins.tools.repro", "--quick", "--out", str(out), *extra]
+def repro(smollm2_dir, tmp_path_factory):
+    """One quick run of every control arm (sft, eaft, step-matched SFT, weight_norm=mean, shuffled gate) on a tiny
+    random Llama: the tool's training, evaluation and statistics are the point here, not SmolLM2's weights."""
+    root = tmp_path_factory.mktemp("repro")
+    model = tiny_llama(smollm2_dir, root / "tiny", head_std=4.0)  # peaked: EAFT weights well below 1, as on SmolLM2
+    out = root / "out"
+    cmd = [sys.executable, "-m", "eaft_plugins.tools.repro", "--quick", "--controls", "--model", str(model),
+           "--out", str(out)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=1500)
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
-    return json.loads((out / "results.json").read_text()), r.stdout
+    return json.loads((out / "results.json").read_text()), r.stdout, out
 
 
 def _check_entry(e, n_items):
-    for k in repro.METRICS:
+    for k in repro_module.METRICS:
         m = e[k]
         assert m["n_items"] == n_items[k]
         assert m["ci"][0] <= m["mean"] + 1e-12 and m["mean"] <= m["ci"][1] + 1e-12, k
@@ -76,38 +79,31 @@ def _check_entry(e, n_items):
 
 
 @pytest.mark.e2e
-def test_repro_quick(repro_dir, smollm2_dir):
-    res, stdout = _run(repro_dir)
-    assert set(res["arms"]) == {"lr=0.0002 sft", "lr=0.0002 eaft"}
+def test_repro_quick(repro):
+    res, stdout, out = repro
+    assert set(res["arms"]) == {f"lr=0.0002 {a}" for a in repro_module.CONTROL_ARMS}
     n_items = {"target_acc": 4, "target_nll": 4, "mc_acc": 6, "mc_logprob": 6, "kl": 3, "text_nll": 3}
     assert res["base"]["kl"]["mean"] == 0.0
     for e in res["arms"].values():
         _check_entry(e, n_items)
+    assert {r["lr_used"] for r in res["runs"].values() if r["arm"] in ("sft", "eaft")} == {2e-4}
+    assert all(len(r["train_loss"]) == 2 for r in res["runs"].values())
     # Training really happened: the runs moved the model away from the base.
     assert res["arms"]["lr=0.0002 sft"]["text_nll"]["delta"] != 0.0
     for f in ("results.json", "table.md", "repro_bars.png", "repro_weight.png"):
-        assert (repro_dir / f).stat().st_size > 0
+        assert (out / f).stat().st_size > 0
     assert "base" in stdout and "eaft" in stdout
-    runs = res["runs"]
-    assert {r["lr_used"] for r in runs.values()} == {2e-4}
-    assert all(len(r["train_loss"]) == 2 for r in runs.values())
 
 
 @pytest.mark.e2e
-def test_repro_controls_quick(repro_dir, smollm2_dir):
-    # Reuses the cached sft/eaft runs of test_repro_quick when both run (same --out).
-    res, _ = _run(repro_dir, "--controls")
-    arms = {f"lr=0.0002 {a}" for a in repro.CONTROL_ARMS}
-    assert set(res["arms"]) == arms
-    n_items = {"target_acc": 4, "target_nll": 4, "mc_acc": 6, "mc_logprob": 6, "kl": 3, "text_nll": 3}
-    for e in res["arms"].values():
-        _check_entry(e, n_items)
+def test_repro_controls(repro):
+    res, _, out = repro
     w = res["arms"]["lr=0.0002 eaft"]["mean_eaft_weight"]
     assert 0 < w < 1
     assert res["arms"]["lr=0.0002 sft_stepmatched"]["lr_used"] == [pytest.approx(2e-4 * w)]
     # weight_norm=mean divides by the previous step's global mean weight (the first step: its own),
     # so the first step's logged mean weight is exactly 1 and later ones stay near 1, far above EAFT's.
-    hist = json.loads((repro_dir / "runs" / "lr0.0002_s0_eaft_meannorm" / "eval.json").read_text())["result"]["_history"]
+    hist = json.loads((out / "runs" / "lr0.0002_s0_eaft_meannorm" / "eval.json").read_text())["result"]["_history"]
     logged = [h["eaft/weight"] for h in hist if "eaft/weight" in h]
     assert logged[0] == pytest.approx(1.0, abs=1e-5)
     assert all(0.5 < x < 2.0 for x in logged)
