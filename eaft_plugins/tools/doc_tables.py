@@ -9,6 +9,7 @@ tests/tools/test_docs.py fails when one drifts.
 
 from __future__ import annotations
 
+import argparse
 import re
 import sys
 from dataclasses import fields
@@ -60,9 +61,13 @@ def render(text: str) -> str:
 
 
 def main(argv=None) -> int:
-    root = Path(argv[0]) if argv else DOCS
+    ap = argparse.ArgumentParser(prog="python -m eaft_plugins.tools.doc_tables",
+                                 description="Rewrite the generated tables of the docs (options, families).")
+    ap.add_argument("docs", nargs="?", default=None, help="the docs folder (default: the checkout's docs/)")
+    given = ap.parse_args(argv).docs
+    root = Path(given) if given else DOCS
     if not root.is_dir():
-        where = "" if argv else " (this is not a source checkout)"
+        where = "" if given else " (this is not a source checkout)"
         print(f"doc_tables: no docs folder at {root}{where}; pass the docs folder: "
               f"python -m eaft_plugins.tools.doc_tables path/to/docs", file=sys.stderr)
         return 2

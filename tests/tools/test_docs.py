@@ -76,3 +76,9 @@ def test_a_missing_docs_folder_is_an_error(tmp_path, monkeypatch, capsys):
     assert doc_tables.main([]) == 2
     err = capsys.readouterr().err
     assert "not a source checkout" in err and "pass the docs folder" in err
+
+
+def test_help_prints_usage_not_a_missing_folder(capsys):
+    with pytest.raises(SystemExit) as stop:
+        doc_tables.main(["--help"])
+    assert stop.value.code == 0 and "docs folder" in capsys.readouterr().out
