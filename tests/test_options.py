@@ -16,8 +16,8 @@ def test_every_user_setting_has_a_key_a_kind_and_help():
     assert {s.key for s in RETENTION_SETTINGS} == {"retention_probe", "retention_steps"}
     assert len(SETTINGS_BY_KEY) == len(USER_SETTINGS)  # no key twice
     for s in USER_SETTINGS:
-        assert s.help and s.kind in ("topk", "float", "choice", "bool", "probe", "steps")
-        assert s.key.startswith("eaft_") == (s.group != "retention")
+        assert s.help and s.kind in ("topk", "tau", "float", "choice", "bool", "probe", "steps")
+        assert s.key.startswith(f"{s.method}_") == (s.group != "retention")  # eaft_topk, flow_tau, retention_probe
     assert {s.key for s in SETTINGS if s.trainer} == {"eaft_log_metrics", "eaft_fused"}
 
 
