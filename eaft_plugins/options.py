@@ -406,12 +406,14 @@ class Spelling:
     enabled: str = "EAFT"  # e.g. "`use_eaft_loss: true`", "--loss_type eaft"
     python_values: bool = False  # True / False (a Python keyword argument) rather than true / false
     method_format: str = "{title}"  # e.g. "`use_{method}_loss: true`", "--loss_type {method}"
+    method: str = "eaft"  # the method `enabled` turns on
 
     def for_method(self, method: str) -> "Spelling":
         """The same spelling, `enabled` saying how `method` is turned on (EAFT: this spelling itself)."""
         if method == "eaft":
             return self
-        return replace(self, enabled=self.method_format.format(method=method, title=METHODS[method].title))
+        return replace(self, enabled=self.method_format.format(method=method, title=METHODS[method].title),
+                       method=method)
 
     def shown(self, key: str) -> str:
         return self.shown_format.format(**self._names(key))
