@@ -60,6 +60,9 @@ parse_launch_args() {
   MASTER_PORT=${MASTER_PORT:-29500}
   NPROC_PER_NODE=${NPROC_PER_NODE:-8}
   WORLD_SIZE=$((NNODES * NPROC_PER_NODE))
+  # what the frameworks' own launchers read (torchrun under llamafactory-cli, swift, megatron)
+  NODE_ENV=(NNODES="$NNODES" NODE_RANK="$NODE_RANK" MASTER_ADDR="$MASTER_ADDR" MASTER_PORT="$MASTER_PORT"
+            NPROC_PER_NODE="$NPROC_PER_NODE")
 }
 
 # data_parallel_grad_accum DP -> gradient accumulation that keeps GLOBAL_BATCH_SIZE
@@ -111,4 +114,18 @@ model_field() {
   local out
   out=$(python3 "$REPO_ROOT/recipes/common/models.py" "$1" "$2") || exit 2
   echo "$out"
+}
+
+# swift_data_args: the model, template and data arguments both ms-swift launchers (`swift sft`, `megatron sft`)
+# start with, in SWIFT_DATA_ARGS; MODEL_USED is the model the run trains. The template and the output folder
+# follow the model (-- --model X included); an explicit -- --template T / --output_dir D wins.
+swift_data_args() {
+  MODEL_USED=$(extra_value --model)
+  MODEL_USED=${MODEL_USED:-$MODEL}
+  local template
+  template=$(extra_value --template)
+  if [ -z "$template" ]; then template=$(model_field "$MODEL_USED" swift); fi
+  SWIFT_DATA_ARGS=(--model "$MODEL" --use_hf true --tuner_type full --torch_dtype bfloat16 --template "$template"
+                   --dataset "$SWIFT_DATASET" --split_dataset_ratio 0 --max_length "$MAX_LENGTH"
+                   --truncation_strategy right)
 }

@@ -21,8 +21,7 @@ fi
 if [ -n "$LF_MODEL" ] && [ -z "$(extra_value output_dir)" ]; then
   MODEL_ARGS+=("output_dir=$(output_dir llamafactory "$LF_MODEL")")
 fi
-run_launch FORCE_TORCHRUN=1 NNODES="$NNODES" NODE_RANK="$NODE_RANK" MASTER_ADDR="$MASTER_ADDR" \
-  MASTER_PORT="$MASTER_PORT" NPROC_PER_NODE="$NPROC_PER_NODE" -- \
+run_launch FORCE_TORCHRUN=1 "${NODE_ENV[@]}" -- \
   llamafactory-cli train "recipes/$DOMAIN/llamafactory/$METHOD.yaml" \
   "gradient_accumulation_steps=$GA" \
   "${MODEL_ARGS[@]}" \

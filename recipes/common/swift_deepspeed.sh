@@ -13,25 +13,11 @@ parse_launch_args "$DOMAIN" "$@"
 ZERO_CONFIG=${ZERO_OVERRIDE:-$ZERO_CONFIG}
 
 GA=$(data_parallel_grad_accum "$WORLD_SIZE")
-# The template and the output folder follow the model (-- --model X included); an explicit
-# -- --template T / --output_dir D wins.
-MODEL_USED=$(extra_value --model)
-MODEL_USED=${MODEL_USED:-$MODEL}
-TEMPLATE=$(extra_value --template)
-if [ -z "$TEMPLATE" ]; then TEMPLATE=$(model_field "$MODEL_USED" swift); fi
+swift_data_args
 
-run_launch NNODES="$NNODES" NODE_RANK="$NODE_RANK" MASTER_ADDR="$MASTER_ADDR" \
-  MASTER_PORT="$MASTER_PORT" NPROC_PER_NODE="$NPROC_PER_NODE" -- \
+run_launch "${NODE_ENV[@]}" -- \
   swift sft \
-  --model "$MODEL" \
-  --use_hf true \
-  --tuner_type full \
-  --torch_dtype bfloat16 \
-  --template "$TEMPLATE" \
-  --dataset "$SWIFT_DATASET" \
-  --split_dataset_ratio 0 \
-  --max_length "$MAX_LENGTH" \
-  --truncation_strategy right \
+  "${SWIFT_DATA_ARGS[@]}" \
   --num_train_epochs "$EPOCHS" \
   --learning_rate "$LEARNING_RATE" \
   --lr_scheduler_type "$LR_SCHEDULER" \

@@ -22,12 +22,7 @@ data_parallel_grad_accum "$DP" >/dev/null  # fail early when the global batch do
 SEQUENCE_PARALLEL=false
 if [ "$TP" -gt 1 ]; then SEQUENCE_PARALLEL=true; fi
 
-# The template and the output folder follow the model (-- --model X included); an explicit
-# -- --template T / --output_dir D wins.
-MODEL_USED=$(extra_value --model)
-MODEL_USED=${MODEL_USED:-$MODEL}
-TEMPLATE=$(extra_value --template)
-if [ -z "$TEMPLATE" ]; then TEMPLATE=$(model_field "$MODEL_USED" swift); fi
+swift_data_args
 # Layers that do not split evenly over PP stages (GLM-4-32B: 61) give the first stage the rest.
 PIPELINE_ARGS=()
 if [ "$PP" -gt 1 ]; then
@@ -37,18 +32,9 @@ if [ "$PP" -gt 1 ]; then
   fi
 fi
 
-run_launch NNODES="$NNODES" NODE_RANK="$NODE_RANK" MASTER_ADDR="$MASTER_ADDR" \
-  MASTER_PORT="$MASTER_PORT" NPROC_PER_NODE="$NPROC_PER_NODE" -- \
+run_launch "${NODE_ENV[@]}" -- \
   megatron sft \
-  --model "$MODEL" \
-  --use_hf true \
-  --tuner_type full \
-  --torch_dtype bfloat16 \
-  --template "$TEMPLATE" \
-  --dataset "$SWIFT_DATASET" \
-  --split_dataset_ratio 0 \
-  --max_length "$MAX_LENGTH" \
-  --truncation_strategy right \
+  "${SWIFT_DATA_ARGS[@]}" \
   --tensor_model_parallel_size "$TP" \
   --pipeline_model_parallel_size "$PP" \
   "${PIPELINE_ARGS[@]}" \

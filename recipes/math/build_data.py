@@ -31,6 +31,9 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "common"))  # recipes/common: shared by the builders
+from sft_files import write_outputs  # noqa: E402  (the two training files every builder writes)
+
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 NAME = "eaft_math_19k"
 
@@ -243,19 +246,6 @@ def filter_rows(rows: Iterable[dict], keep: Optional[int] = None, seed: int = 0)
     if keep is not None and len(kept) > keep:
         kept = random.Random(seed).sample(kept, keep)
     return kept
-
-
-def write_outputs(rows: List[dict], out_dir: Path, name: str = NAME) -> Dict[str, Path]:
-    """LLaMA-Factory alpaca JSON (instruction/input/output) + ms-swift messages JSONL."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    lf, sw = out_dir / f"{name}.json", out_dir / f"{name}.jsonl"
-    lf.write_text(json.dumps([{"instruction": r["prompt"], "input": "", "output": r["response"]} for r in rows],
-                             ensure_ascii=False, indent=1))
-    with sw.open("w") as fh:
-        for r in rows:
-            msgs = [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["response"]}]
-            fh.write(json.dumps({"messages": msgs}, ensure_ascii=False) + "\n")
-    return {"llamafactory": lf, "swift": sw}
 
 
 # ---------------------------------------------------------------- cli

@@ -29,6 +29,9 @@ import sys
 from pathlib import Path
 from typing import Dict, List
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "common"))  # recipes/common: shared by the builders
+from sft_files import write_outputs  # noqa: E402  (the two training files every builder writes)
+
 NAME = "medical_o1_reasoning_en"  # the training file (recipes/medical/data/dataset_info.json)
 HUB = ("FreedomIntelligence/medical-o1-reasoning-SFT", "en", "train")
 OUTPUT_NAMES = {"medical-o1": NAME, "pubmedqa": "pubmedqa_eval_smoke", "medqa": "medqa_eval_smoke"}
@@ -104,18 +107,6 @@ def check_name(source: str, name: str) -> str:
     if source != "medical-o1" and name == NAME:
         raise ValueError(f"--source {source} is an evaluation set: it cannot be written as the training file {NAME!r}")
     return name
-
-
-def write_outputs(rows: List[Dict[str, str]], out_dir: Path, name: str) -> Dict[str, Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    lf, sw = out_dir / f"{name}.json", out_dir / f"{name}.jsonl"
-    lf.write_text(json.dumps([{"instruction": r["prompt"], "input": "", "output": r["response"]} for r in rows],
-                             ensure_ascii=False, indent=1))
-    with sw.open("w") as fh:
-        for r in rows:
-            msgs = [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["response"]}]
-            fh.write(json.dumps({"messages": msgs}, ensure_ascii=False) + "\n")
-    return {"llamafactory": lf, "swift": sw}
 
 
 def main(argv=None) -> int:
