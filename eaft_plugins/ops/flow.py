@@ -52,6 +52,21 @@ def sequence_losses(logits: torch.Tensor, labels: torch.Tensor, *, shift: bool =
     return total / count  # 0 / 0: NaN, a row that teaches nothing
 
 
+def token_weights(sample_weights, idx: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each supervised token's example weight: `sample_weights` [B] (one per row of labels [B, T]) at the rows of the
+    flat supervised indices `idx`; checked finite and >= 0."""
+    if sample_weights is None:
+        raise ValueError("FLOW needs sample_weights: one weight per row of labels")
+    rows = labels.shape[0] if labels.dim() > 1 else 1
+    weights = torch.as_tensor(sample_weights).reshape(-1)
+    if weights.numel() != rows:
+        raise ValueError(f"sample_weights has {weights.numel()} entries for {rows} rows of labels {tuple(labels.shape)}")
+    weights = weights.to(idx.device, torch.float64 if weights.dtype == torch.float64 else torch.float32)
+    if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
+        raise ValueError("FLOW sample weights must be finite and >= 0")
+    return weights[idx // labels.reshape(rows, -1).shape[1]]
+
+
 def flow_loss(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -69,17 +84,12 @@ def flow_loss(
     each token's term, e.g. ms-swift's loss_scale. The weights are constants: d loss / d z_t = w_i (p_t - onehot) / N.
     """
     opts = make_method_options(FLOWOptions, options, **option_overrides)
-    rows = labels.shape[0] if labels.dim() > 1 else 1
-    weights = torch.as_tensor(sample_weights).reshape(-1)
-    if weights.numel() != rows:
-        raise ValueError(f"sample_weights has {weights.numel()} entries for {rows} rows of labels {tuple(labels.shape)}")
     flat, idx, y, token_scale = prepare(logits, labels, opts.ignore_index, shift, token_scale)
+    w = token_weights(sample_weights, idx, labels)
     chunk = opts.rows_per_chunk(flat.size(1))
     lse, ce = ce_scores(flat, idx, y, chunk)
     check_scores(lse, ce)
-    w = weights.to(ce.device, ce.dtype)[idx // labels.reshape(rows, -1).shape[1]]
-    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
-        raise ValueError("FLOW sample weights must be finite and >= 0")
+    w = w.to(ce.dtype)
     coef = w if token_scale is None else w * token_scale.reshape(-1).to(w.device, w.dtype)[idx]
     coef = coef / loss_denominator(num_items_in_batch, idx.numel(), w.device)
     return LossOutput(weighted_ce(flat, idx, y, lse, ce, coef, chunk), MethodStats.of(ce, weight=w))
