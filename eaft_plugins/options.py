@@ -405,7 +405,8 @@ class Spelling:
     assign_format: str = "{key}: {value}"  # e.g. "--{key} {value}", "{key}={value}"
     enabled: str = "EAFT"  # e.g. "`use_eaft_loss: true`", "--loss_type eaft"
     python_values: bool = False  # True / False (a Python keyword argument) rather than true / false
-    method_format: str = "{title}"  # e.g. "`use_{method}_loss: true`", "--loss_type {method}"
+    # e.g. "`use_{method}_loss: true`", "--loss_type {method}" (not compared: it writes other methods' switches)
+    method_format: str = field(default="{title}", compare=False)
     method: str = "eaft"  # the method `enabled` turns on
 
     def for_method(self, method: str) -> "Spelling":

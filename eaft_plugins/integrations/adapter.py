@@ -85,11 +85,13 @@ def refuse_keys_without_eaft(keys, spelling: Spelling, state: str) -> None:
 
 def refuse_keys_of_other_methods(keys, active, spelling: Spelling, state: str) -> None:
     """Keys of a method other than `active` (None: no method on), e.g. flow_tau with --loss_type eaft, are an error
-    even at their default value; `state` says what is on instead. The first method with such keys is named."""
+    even at their default value; `state` says what is on instead ("{method}" in it: the keys' method). The first
+    method with such keys is named."""
     for method in METHODS:
         own = [k for k in keys if k in SETTINGS_BY_KEY and SETTINGS_BY_KEY[k].method == method]
         if own and method != active:
-            raise ValueError(f"{', '.join(spelling.shown(k) for k in own)} set but {state}: {METHODS[method].title} "
+            raise ValueError(f"{', '.join(spelling.shown(k) for k in own)} set but {state.format(method=method)}: "
+                             f"{METHODS[method].title} "
                              f"settings only apply with {spelling.for_method(method).enabled}; add it or drop them")
 
 
@@ -110,19 +112,19 @@ def run_for(args, spelling: Spelling) -> EAFTRun:
 
 # ---- refused combinations
 
-# concept -> (refused when (value, fused), message, the value that lifts it). In a message, {enabled} is how EAFT
-# was turned on, {shown} the framework's key as written there, {value} its value, {fix} the key set to the value
-# that lifts the refusal, {fused} / {dense} eaft_fused set to true / false.
+# concept -> (refused when (value, fused), message, the value that lifts it). In a message, {enabled} is how the
+# method was turned on, {title} its name (EAFT, SFT-KL, FLOW, TALR), {shown} the framework's key as written there,
+# {value} its value, {fix} the key set to the value that lifts the refusal, {fused} / {dense} <method>_fused set to
+# true / false, {fused_or} "Set {fused} (...) or " where the method has a fused path, else "Set ".
 REFUSALS = {
     "liger": (lambda v, fused: bool(v) and not fused,
-              "{enabled} with {shown}: the dense EAFT loss needs the full logits, which Liger's fused cross-entropy "
-              "exists to avoid (its memory saving would be lost). Set {fused} (fused EAFT from the hidden states "
-              "and the LM head; Liger's other kernels stay) or {fix}", False),
+              "{enabled} with {shown}: the dense {title} loss needs the full logits, which Liger's fused cross-entropy "
+              "exists to avoid (its memory saving would be lost). {fused_or}{fix}", False),
     "label_smoothing": (lambda v, fused: (v or 0) > 0,
-                        "{enabled} with {shown} {value}: EAFT replaces the loss, so the smoothing would be dropped "
+                        "{enabled} with {shown} {value}: {title} replaces the loss, so the smoothing would be dropped "
                         "silently; set {fix}", 0),
     "parallel": (lambda v, fused: (v or 1) > 1,
-                 "{enabled} does not support {shown} {value}: the EAFT loss and its statistics need each token's "
+                 "{enabled} does not support {shown} {value}: the {title} loss and its statistics need each token's "
                  "full-vocabulary logits exactly once per data-parallel rank; set {fix}", 1),
     "replicas": (lambda v, fused: (v or 1) > 1,
                  "{enabled} does not support nn.DataParallel (several GPUs visible to one process, {shown} {value}): "
@@ -145,13 +147,17 @@ Observed = Tuple[str, str, object]  # (concept of REFUSALS, the framework's key,
 def refusals(spelling: Spelling, observed: Iterable[Observed], fused: bool) -> list:
     """The messages of every refused combination among `observed`, in the framework's words."""
     out = []
-    fused_key = f"{spelling.method}_fused"
+    method = METHODS[spelling.method]
+    fused_key = f"{method.name}_fused"
+    fused_or = (f"Set {spelling.assign(fused_key, True)} (fused {method.title} from the hidden states and the LM "
+                "head; Liger's other kernels stay) or " if method.fused else "Set ")
     for concept, key, value in observed:
         refused, message, lifted = REFUSALS[concept]
         if refused(value, fused):
             out.append(message.format(
-                enabled=spelling.enabled, shown=spelling.shown(key), value=value, fix=spelling.assign(key, lifted),
-                fused=spelling.assign(fused_key, True), dense=spelling.assign(fused_key, False)))
+                enabled=spelling.enabled, title=method.title, shown=spelling.shown(key), value=value,
+                fix=spelling.assign(key, lifted), fused=spelling.assign(fused_key, True),
+                dense=spelling.assign(fused_key, False), fused_or=fused_or))
     return out
 
 
