@@ -98,6 +98,10 @@ def row_keys(inputs: dict) -> list:
     """One key per row of a batch: a digest of the row's tokens and labels (padding, by the attention mask, left
     out), so the same example gets the same key whatever its neighbours or its padding."""
     ids, labels = inputs["input_ids"], inputs["labels"]
+    if labels.dim() == 2 and labels.shape[1] < ids.shape[1]:
+        # ms-swift's logits_to_keep keeps the labels from the first supervised position on: the cut ones are all
+        # unsupervised, so the full row's labels are these, padded back on the left
+        labels = torch.nn.functional.pad(labels, (ids.shape[1] - labels.shape[1], 0), value=-100)
     mask = inputs.get("attention_mask")
     keys = []
     for r in range(ids.shape[0]):
