@@ -132,3 +132,98 @@ def test_take_and_metric_pairs_for_frameworks_that_log_per_micro_batch():
     total, tokens = pairs["eaft/ce"]
     assert float(total / tokens) == pytest.approx(stats.means()["eaft/ce"])
     assert run.acc["train"].empty
+
+
+# ---- the same run for SFT-KL, FLOW and TALR
+
+
+def method_run(method, **options):
+    from eaft_plugins.options import config_from_keys
+
+    return EAFTRun(config_from_keys({f"{method}_{k}": v for k, v in options.items()}, method=method))
+
+
+class Echo(nn.Module):
+    """A "model" whose logits are a fixed tensor times a learnable temperature (the starting model: 1)."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits, self.scale = logits, nn.Parameter(torch.ones(()))
+
+    def forward(self, input_ids=None, attention_mask=None, use_cache=None):
+        return {"logits": self.logits[: input_ids.shape[0]] * self.scale}
+
+
+def test_each_method_runs_its_op_and_logs_its_metrics():
+    from eaft_plugins.ops.flow import flow_loss, flow_weights, sequence_losses
+    from eaft_plugins.ops.sft_kl import sft_kl_loss
+    from eaft_plugins.ops.talr import talr_loss
+    from eaft_plugins.reference import FlowTable, StartingModel
+
+    logits, labels = batch(5)
+    inputs = {"input_ids": labels.clamp_min(0), "labels": labels}
+    model = Echo(logits)
+    run = method_run("sft_kl", beta=0.3)
+    run.starting_model = StartingModel(model)
+    with torch.no_grad():
+        model.scale *= 1.5  # trained away from the start: the frozen copy still gives the starting logits
+    run.prepare(model, inputs, training=True)
+    got = run.dense_loss(logits * 1.5, labels, training=True, step=0)
+    want = sft_kl_loss(logits * 1.5, labels, logits, beta=0.3)
+    assert float(want.stats.kl_sum) > 0 and got.item() == pytest.approx(want.loss.item(), rel=1e-6)
+
+    run = method_run("flow", tau=0.5)
+    run.flow_table = FlowTable(0.5)
+    run.flow_table.measure(model, [inputs])
+    run.flow_table.finish()
+    run.prepare(model, inputs, training=True)
+    got = run.dense_loss(logits, labels, training=True, step=0, num_items_in_batch=20)
+    weights = flow_weights(sequence_losses(logits * 1.5, labels), 0.5)[0]  # measured on the model given
+    want = flow_loss(logits, labels, weights, num_items_in_batch=20)
+    assert got.item() == pytest.approx(want.loss.item(), rel=1e-6)
+    assert run.metrics("train", reduce=False)["flow/weight"] == pytest.approx(want.stats.means("f/")["f/weight"])
+    run.prepare(model, inputs, training=False)  # evaluation weighs every row 1
+    assert run.dense_loss(logits, labels, training=False, step=0).item() == pytest.approx(
+        flow_loss(logits, labels, torch.ones(2)).loss.item(), rel=1e-6)
+
+    run = method_run("talr", min_weight=0.2)
+    got = run.dense_loss(logits, labels, training=True, step=0)
+    assert got.item() == pytest.approx(talr_loss(logits, labels, min_weight=0.2).loss.item(), rel=1e-7)
+    logs = run.metrics("train", reduce=False)
+    assert set(logs) == {"talr/ce", "talr/weight", "talr/tau", "talr/tokens"}
+
+
+@pytest.mark.parametrize("method", ["sft_kl", "flow"])
+def test_a_loss_without_its_prepared_inputs_is_an_error(method):
+    logits, labels = batch(6)
+    run = method_run(method)
+    assert run.needs_inputs
+    with pytest.raises(RuntimeError, match="was not set up when the trainer was built|were not measured"):
+        run.prepare(Echo(logits), {"input_ids": labels.clamp_min(0), "labels": labels}, training=True)
+    with pytest.raises(RuntimeError, match=r"the loss ran without the .* of its micro-batch"):
+        run.dense_loss(logits, labels, training=True, step=0)
+
+
+@pytest.mark.parametrize("method", ["sft_kl", "flow", "talr"])
+def test_an_all_masked_micro_batch_is_a_zero_loss_with_a_graph_for_every_method(method):
+    logits, labels = batch(7)
+    labels[:] = IGNORE
+    run = method_run(method)
+    run._pending = {"sft_kl": logits.clone(), "flow": torch.ones(2)}.get(method)
+    x = logits.clone().requires_grad_()
+    loss = run.dense_loss(x, labels, training=True, step=0)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.count_nonzero(x.grad) == 0
+    assert run.metrics("train", reduce=False) == {f"{method}/tokens": 0.0}
+
+
+def test_flow_row_keys_ignore_padding_and_a_cut_of_unsupervised_labels():
+    from eaft_plugins.reference import row_keys
+
+    ids = torch.tensor([[5, 6, 7, 8, 0, 0]])
+    labels = torch.tensor([[IGNORE, IGNORE, 7, 8, IGNORE, IGNORE]])
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0]])
+    key = row_keys({"input_ids": ids, "labels": labels, "attention_mask": mask})
+    assert row_keys({"input_ids": ids[:, :4], "labels": labels[:, :4]}) == key  # no padding
+    assert row_keys({"input_ids": ids, "labels": labels[:, 2:], "attention_mask": mask}) == key  # ms-swift's cut
+    assert row_keys({"input_ids": ids, "labels": labels.roll(1), "attention_mask": mask}) != key
