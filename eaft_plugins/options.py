@@ -166,26 +166,12 @@ OptionsLike = Union[EAFTOptions, dict, None]
 
 def make_options(options: OptionsLike = None, **overrides) -> EAFTOptions:
     """Build options from an EAFTOptions, a dict, and/or keyword overrides (validated)."""
-    if options is None:
-        base = {}
-    elif isinstance(options, EAFTOptions):
-        if not overrides:
-            return options
-        base = {f: getattr(options, f) for f in EAFTOptions.field_names()}
-    elif isinstance(options, dict):
-        base = dict(options)
-    else:
-        raise TypeError(f"options must be EAFTOptions, dict or None, got {type(options).__name__}")
-    base.update(overrides)
-    unknown = sorted(set(base) - set(EAFTOptions.field_names()))
-    if unknown:
-        raise ValueError(f"unknown EAFT option(s) {unknown}; allowed: {list(EAFTOptions.field_names())}")
-    return EAFTOptions(**base)
+    return make_method_options(EAFTOptions, options, **overrides)
 
 
-def make_method_options(cls, options=None, **overrides):
-    """A method's option record (`cls`: SFTKLOptions, FLOWOptions, TALROptions) from a record, a dict and/or
-    keyword overrides (validated)."""
+def make_method_options(cls, options=None, /, **overrides):
+    """A method's option record (`cls`: EAFTOptions, SFTKLOptions, FLOWOptions, TALROptions) from a record, a dict
+    and/or keyword overrides (validated)."""
     if options is None:
         base = {}
     elif isinstance(options, cls):
@@ -199,7 +185,8 @@ def make_method_options(cls, options=None, **overrides):
     base.update(overrides)
     unknown = sorted(set(base) - set(cls.field_names()))
     if unknown:
-        raise ValueError(f"unknown {cls.__name__} option(s) {unknown}; allowed: {list(cls.field_names())}")
+        name = cls.__name__[: -len("Options")]  # EAFT, SFTKL, FLOW, TALR
+        raise ValueError(f"unknown {name} option(s) {unknown}; allowed: {list(cls.field_names())}")
     return cls(**base)
 
 

@@ -11,8 +11,37 @@ import torch
 _FIELDS = ("ce_sum", "weight_sum", "entropy_sum", "conflict_count", "tokens", "raw_weight_sum")
 
 
+class _Sums:
+    """Detached float64 sums, one field each (FIELDS), kept as a vector to add and reduce."""
+
+    FIELDS: tuple = ()
+
+    @classmethod
+    def zeros(cls, device=None):
+        return cls(*(torch.zeros((), dtype=torch.float64, device=device) for _ in cls.FIELDS))
+
+    @classmethod
+    def from_vector(cls, vec: torch.Tensor):
+        return cls(*vec.unbind(0))
+
+    def to_vector(self) -> torch.Tensor:
+        return torch.stack([getattr(self, f) for f in self.FIELDS])
+
+    def __add__(self, other):
+        return type(self).from_vector(self.to_vector() + other.to_vector().to(self.ce_sum.device))
+
+    def all_reduce(self, group=None):
+        """Sum over ranks. Every rank of the group must call this (a rank with no tokens too)."""
+        import torch.distributed as dist
+
+        vec = self.to_vector().clone()
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(vec, op=dist.ReduceOp.SUM, group=group)
+        return type(self).from_vector(vec)
+
+
 @dataclass
-class EAFTStats:
+class EAFTStats(_Sums):
     """Detached float64 sums over supervised tokens.
 
     ce_sum: plain (unweighted) cross-entropy; weight_sum: EAFT weights as applied
@@ -28,28 +57,7 @@ class EAFTStats:
     tokens: torch.Tensor
     raw_weight_sum: torch.Tensor
 
-    @classmethod
-    def zeros(cls, device=None) -> "EAFTStats":
-        return cls(*(torch.zeros((), dtype=torch.float64, device=device) for _ in _FIELDS))
-
-    @classmethod
-    def from_vector(cls, vec: torch.Tensor) -> "EAFTStats":
-        return cls(*vec.unbind(0))
-
-    def to_vector(self) -> torch.Tensor:
-        return torch.stack([getattr(self, f) for f in _FIELDS])
-
-    def __add__(self, other: "EAFTStats") -> "EAFTStats":
-        return EAFTStats.from_vector(self.to_vector() + other.to_vector().to(self.ce_sum.device))
-
-    def all_reduce(self, group=None) -> "EAFTStats":
-        """Sum over ranks. Every rank of the group must call this (a rank with no tokens too)."""
-        import torch.distributed as dist
-
-        vec = self.to_vector().clone()
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(vec, op=dist.ReduceOp.SUM, group=group)
-        return type(self).from_vector(vec)
+    FIELDS = _FIELDS
 
     def means(self, prefix: str = "eaft/") -> Dict[str, float]:
         """Per-token means for logging; zeros when no token was supervised."""
@@ -74,7 +82,7 @@ _METHOD_FIELDS = ("ce_sum", "weight_sum", "kl_sum", "tau_sum", "tokens", "batche
 
 
 @dataclass
-class MethodStats:
+class MethodStats(_Sums):
     """Detached float64 sums of a baseline's loss over supervised tokens: plain cross-entropy, the weight as applied
     (FLOW, TALR), the KL to the starting model (SFT-KL); tau_sum adds TALR's temperature once per micro-batch with
     a supervised token (batches counts those). Same interface as EAFTStats."""
@@ -86,9 +94,7 @@ class MethodStats:
     tokens: torch.Tensor
     batches: torch.Tensor
 
-    @classmethod
-    def zeros(cls, device=None) -> "MethodStats":
-        return cls(*(torch.zeros((), dtype=torch.float64, device=device) for _ in _METHOD_FIELDS))
+    FIELDS = _METHOD_FIELDS
 
     @classmethod
     def of(cls, ce: torch.Tensor, weight=None, kl=None, tau=None) -> "MethodStats":
@@ -100,18 +106,6 @@ class MethodStats:
                    zero if tau is None or n == 0 else torch.as_tensor(float(tau), dtype=torch.float64, device=ce.device),
                    torch.tensor(float(n), dtype=torch.float64, device=ce.device),
                    torch.tensor(float(tau is not None and n > 0), dtype=torch.float64, device=ce.device))
-
-    @classmethod
-    def from_vector(cls, vec: torch.Tensor) -> "MethodStats":
-        return cls(*vec.unbind(0))
-
-    def to_vector(self) -> torch.Tensor:
-        return torch.stack([getattr(self, f) for f in _METHOD_FIELDS])
-
-    def __add__(self, other: "MethodStats") -> "MethodStats":
-        return MethodStats.from_vector(self.to_vector() + other.to_vector().to(self.ce_sum.device))
-
-    all_reduce = EAFTStats.all_reduce
 
     def means(self, prefix: str) -> Dict[str, float]:
         """Per-token means (tau: per micro-batch) for logging; zeros when nothing was counted."""

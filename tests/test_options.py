@@ -172,7 +172,7 @@ def test_method_records_refuse_bad_values_directly():
         FLOWOptions(tau=0)
     with pytest.raises(ValueError, match=r"^min_weight must be in \[0.0, 1.0\]"):
         TALROptions(min_weight=-0.1)
-    with pytest.raises(ValueError, match=r"unknown TALROptions option\(s\) \['beta'\]"):
+    with pytest.raises(ValueError, match=r"unknown TALR option\(s\) \['beta'\]"):
         make_method_options(TALROptions, beta=1)
     assert FLOWOptions(tau="median").tau is None and TALROptions(tau=3).tau == 3
 
