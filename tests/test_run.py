@@ -227,3 +227,28 @@ def test_flow_row_keys_ignore_padding_and_a_cut_of_unsupervised_labels():
     assert row_keys({"input_ids": ids[:, :4], "labels": labels[:, :4]}) == key  # no padding
     assert row_keys({"input_ids": ids, "labels": labels[:, 2:], "attention_mask": mask}) == key  # ms-swift's cut
     assert row_keys({"input_ids": ids, "labels": labels.roll(1), "attention_mask": mask}) != key
+
+
+def test_flows_pass_never_leaves_the_training_set_as_the_cached_evaluation_loader():
+    """Trainer caches its evaluation loader under dataloader_persistent_workers, keyed "eval" whatever the dataset."""
+    from eaft_plugins.integrations.methods import _training_rows
+
+    class Trainer:
+        train_dataset, eval_dataset = "train rows", "eval rows"
+
+        def __init__(self):
+            self._eval_dataloaders = {"eval": "the evaluation loader"}
+
+        def get_eval_dataloader(self, dataset=None):
+            if "eval" in self._eval_dataloaders:
+                return self._eval_dataloaders["eval"]
+            self._eval_dataloaders["eval"] = f"loader of {dataset}"
+            return self._eval_dataloaders["eval"]
+
+    trainer = Trainer()
+    assert _training_rows(trainer) == "loader of train rows"
+    assert trainer._eval_dataloaders == {"eval": "the evaluation loader"}
+    fresh = Trainer()
+    fresh._eval_dataloaders = {}
+    _training_rows(fresh)
+    assert fresh._eval_dataloaders == {}  # nothing cached

@@ -56,7 +56,7 @@ def measure_flow(trainer, run: EAFTRun, resumed: bool = False) -> FlowTable:
                              f"started ({folder}/{FlowTable.FILE}); the resumed model is no longer the starting model")
         _say(f"{run.spelling.enabled}: {len(table.losses)} starting losses read from {folder}/{FlowTable.FILE}")
     else:
-        table.measure(trainer.model, trainer.get_eval_dataloader(trainer.train_dataset))
+        table.measure(trainer.model, _training_rows(trainer))
         _gather(table)
         table.finish()
         if trainer.is_world_process_zero():
@@ -65,6 +65,22 @@ def measure_flow(trainer, run: EAFTRun, resumed: bool = False) -> FlowTable:
              f"step 1; tau = {table.tau:.4g} ({'given' if run.options.tau is not None else 'their median'})")
     run.flow_table = table
     return table
+
+
+def _training_rows(trainer):
+    """The training set, in order, collated as in training: the trainer's evaluation dataloader over it. Under
+    dataloader_persistent_workers Trainer caches that loader as *the* evaluation loader; it is taken back out, so
+    evaluation never runs over the training set (and a cached evaluation loader is not measured instead)."""
+    cache = getattr(trainer, "_eval_dataloaders", None)
+    kept = cache.pop("eval", None) if isinstance(cache, dict) else None
+    try:
+        return trainer.get_eval_dataloader(trainer.train_dataset)
+    finally:
+        cache = getattr(trainer, "_eval_dataloaders", None)
+        if isinstance(cache, dict):
+            cache.pop("eval", None)
+            if kept is not None:
+                cache["eval"] = kept
 
 
 def _gather(table: FlowTable) -> None:
