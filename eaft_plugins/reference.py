@@ -80,6 +80,10 @@ class StartingModel:
                     "disabled, no memory), or ZeRO-2 / DDP")
             self.copy = copy.deepcopy(model).eval()
             self.copy.requires_grad_(False)
+            # An instance-level forward (a wrapper a trainer set, e.g. TRL 1.x's) is a function copied by reference:
+            # its closure may still call the *trained* model. The copy runs its classes' own forwards.
+            for module in self.copy.modules():
+                module.__dict__.pop("forward", None)
 
     @property
     def kind(self) -> str:

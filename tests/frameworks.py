@@ -143,6 +143,25 @@ def method_first_batch(cfg: dict, batch_size: int, methods: dict, python=sys.exe
     return json.loads(proc.stdout.split("REFERENCE", 1)[1])
 
 
+def check_method_steps(steps: list, ref: dict, method: str, rel: float, tokens: bool = True) -> None:
+    """A 2-step run of SFT-KL / FLOW / TALR: its metrics logged at both steps, step 1 equal to the op recomputed
+    (`ref`: loss and the per-token means), SFT-KL's KL 0 at step 1 (the model is the starting model) and > 0 after."""
+    import pytest
+
+    from eaft_plugins.run import metric_names
+
+    assert len(steps) == 2, steps
+    for row in steps:
+        assert set(metric_names("train", method)) <= set(row), row
+    assert steps[0]["loss"] == pytest.approx(ref["loss"], rel=rel)
+    for key in metric_names("train", method):
+        assert steps[0][key] == pytest.approx(ref[key], rel=rel, abs=1e-6), key
+    if tokens:
+        assert steps[0][f"{method}/tokens"] == ref[f"{method}/tokens"]
+    if method == "sft_kl":
+        assert steps[0]["sft_kl/kl"] == pytest.approx(0.0, abs=1e-6) and steps[1]["sft_kl/kl"] > 0
+
+
 _METHOD_REFERENCE = """
 import json, sys
 job = json.loads(sys.argv[1])

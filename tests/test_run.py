@@ -252,3 +252,18 @@ def test_flows_pass_never_leaves_the_training_set_as_the_cached_evaluation_loade
     fresh._eval_dataloaders = {}
     _training_rows(fresh)
     assert fresh._eval_dataloaders == {}  # nothing cached
+
+
+def test_the_frozen_copy_runs_its_own_forward_not_a_wrapper_of_the_trained_model():
+    """A trainer may set an instance forward whose closure calls the model (TRL 1.x): a deep copy keeps that function
+    by reference, so the copy would follow the training."""
+    from eaft_plugins.reference import StartingModel
+
+    logits, labels = batch(8)
+    model = Echo(logits)
+    original = model.forward
+    model.forward = lambda *a, **k: original(*a, **k)
+    start = StartingModel(model)
+    with torch.no_grad():
+        model.scale *= 2.0
+    torch.testing.assert_close(start.logits(model, {"input_ids": labels.clamp_min(0), "labels": labels}), logits)

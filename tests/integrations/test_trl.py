@@ -110,6 +110,46 @@ def _reference(trainer, topk=TOPK, alpha=ALPHA):
             "rows_with_prompt_masked": int((labels[:, 0] == IGNORE).sum()), "rows": int(labels.shape[0])}
 
 
+# The math table's other losses: one run each, on a tiny random model (SmolLM2's weights are not the point), 2 steps
+# of 2 micro-batches x 1 row (both steps see the same 2 rows). TALR runs fused (no logits). (SFTConfig fields, the op's
+# options)
+METHOD_SCENARIOS = {
+    "sft_kl": ({"sft_kl_beta": 0.3, "sft_kl_direction": "reverse"}, {"beta": 0.3, "direction": "reverse"}),
+    "flow": ({}, {}),
+    "talr": ({"talr_min_weight": 0.05, "talr_fused": True}, {"min_weight": 0.05}),
+}
+
+
+def _method_reference(trainer, method, options):
+    """Step 1 recomputed with the method's op on the untrained model and the batch TRL's collator builds from every
+    training row, one micro-batch (row) at a time with N = the step's supervised tokens. SFT-KL: the starting model
+    is the model itself at step 1; FLOW: the weights from the rows' starting losses (tau: their median)."""
+    import torch
+
+    from eaft_plugins.ops.flow import flow_loss, flow_weights, sequence_losses
+    from eaft_plugins.ops.sft_kl import sft_kl_loss
+    from eaft_plugins.ops.talr import talr_loss
+
+    ds = trainer.train_dataset
+    batch = trainer.data_collator([ds[i] for i in range(len(ds))])
+    labels = batch["labels"]
+    with torch.no_grad():
+        logits = trainer.model(**{k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}).logits.float()
+    n = int((labels != IGNORE).sum())
+    weights = flow_weights(sequence_losses(logits, labels))[0]
+    outs = []
+    for i in range(labels.shape[0]):
+        z, y = logits[i:i + 1], labels[i:i + 1]
+        if method == "sft_kl":
+            outs.append(sft_kl_loss(z, y, z.clone(), num_items_in_batch=n, **options))
+        elif method == "flow":
+            outs.append(flow_loss(z, y, weights[i:i + 1], num_items_in_batch=n, **options))
+        else:
+            outs.append(talr_loss(z, y, num_items_in_batch=n, **options))
+    stats = sum((o.stats for o in outs[1:]), outs[0].stats)
+    return dict(stats.means(f"{method}/"), loss=sum(o.loss.item() for o in outs))
+
+
 def _train(trainer):
     trainer.train()
     return [dict(r) for r in trainer.state.log_history]
@@ -210,7 +250,18 @@ def scenarios(out_json, with_hf=""):
     res["assistant"] = _train(t)
     lap("assistant_only")
 
-    # 7. refused settings
+    # 7. SFT-KL, FLOW, TALR (METHOD_SCENARIOS)
+    sys.path.insert(0, str(ROOT / "tests"))
+    from frameworks import tiny_llama
+
+    tiny = tiny_llama(model_dir, tmp / "tiny", head_std=4.0)
+    for method, (fields, options) in METHOD_SCENARIOS.items():
+        t = _trainer(tiny, tmp / method, rows, max_steps=2, loss_type=method, **fields)
+        res[f"{method}_ref"] = _method_reference(t, method, options)
+        res[method] = _train(t)
+        lap(method)
+
+    # 8. refused settings
     model = _model(model_dir)
     res["errors"] = {
         "topk_over_vocab": _error(lambda: _trainer(model_dir, tmp / "e1", rows, model=model, loss_type="eaft",
@@ -384,6 +435,17 @@ def test_step1_loss_and_metrics_equal_recomputation(run):
     # TRL's own metrics are still there, from the same forward
     assert "mean_token_accuracy" in steps[0] and "num_tokens" in steps[0] and "entropy" in steps[0]
     assert run["eaft_args"] == {"loss_type": "eaft", "eaft_topk": str(TOPK)}
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("method", list(METHOD_SCENARIOS))
+def test_each_method_trains_and_its_step_one_loss_is_the_op(run, method):
+    from frameworks import check_method_steps
+
+    steps = _steps(run[method])
+    check_method_steps(steps, run[f"{method}_ref"], method, rel=2e-4)
+    if method == "talr":
+        assert "mean_token_accuracy" not in steps[0]  # fused: no logits were built
 
 
 @pytest.mark.e2e
