@@ -11,8 +11,8 @@ import pytest
 from eaft_plugins import EAFTOptions
 from eaft_plugins.tools.demo import cli_env, run_train, train_config, write_dataset, write_yaml
 from eaft_plugins.options import FLOWOptions, SFTKLOptions, TALROptions
-from eaft_plugins.run import metric_names
-from frameworks import Run, ddp_config, first_batch_reference, lf_train, method_first_batch, save_with_tokenizer, tiny_llama
+from frameworks import (Run, check_method_steps, ddp_config, first_batch_reference, lf_train, method_first_batch,
+                        save_with_tokenizer, tiny_llama)
 
 llamafactory = pytest.importorskip("llamafactory", reason="SKIPPED: llamafactory is not installed in this environment")
 from llamafactory.hparams import get_train_args  # noqa: E402
@@ -487,16 +487,8 @@ def method_run(request, tiny_dir, data_dir, tmp_path_factory):
 @pytest.mark.e2e
 def test_each_method_trains_and_its_step_one_loss_is_the_op(method_run, method_reference):
     method, run = method_run
-    steps, ref = run.steps, method_reference[method]
-    assert [row["step"] for row in steps] == [1, 2]
-    for row in steps:
-        assert set(metric_names("train", method)) <= set(row), row
-    assert steps[0]["loss"] == pytest.approx(ref["loss"], rel=1e-4)
-    for key in metric_names("train", method):
-        assert steps[0][key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6), key
-    assert steps[0][f"{method}/tokens"] == ref[f"{method}/tokens"]
-    if method == "sft_kl":  # step 1: the model is the starting model; then the KL grows
-        assert steps[0]["sft_kl/kl"] == pytest.approx(0.0, abs=1e-6) and steps[1]["sft_kl/kl"] > 0
+    check_method_steps(run.steps, method_reference[method], method, rel=1e-4)
+    if method == "sft_kl":
         assert "the starting model is a frozen copy of the starting weights" in run.output
     if method == "flow":
         assert "starting losses of 24 training examples measured before step 1" in run.output
