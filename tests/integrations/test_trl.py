@@ -570,6 +570,28 @@ def test_trl_sft_cli_with_yaml_config(venv, smollm2_dir, tmp_path):
     assert "SFTConfig field `eaft_gate` (--eaft_gate) 'sharp' is invalid" in bad.stderr
 
 
+@pytest.mark.e2e
+def test_trl_sft_cli_runs_another_method(smollm2_dir, tmp_path):
+    """`trl sft` (the newest TRL) with loss_type flow from the YAML and a flow_* flag: parsed by TrlParser, trained,
+    logged. The scenarios above check each method's numbers; this is the CLI's route, on a tiny model."""
+    from frameworks import tiny_llama
+
+    python = _python("trl-newest")
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(2, seed=9)))
+    config = tmp_path / "sft.yaml"
+    config.write_text(
+        f"model_name_or_path: {tiny_llama(smollm2_dir, tmp_path / 'tiny')}\ndataset_name: {data}\n"
+        f"output_dir: {tmp_path / 'out'}\nloss_type: flow\nmax_steps: 2\nper_device_train_batch_size: 1\n"
+        "max_length: 128\nlogging_steps: 1\nsave_strategy: 'no'\nreport_to: none\nbf16: false\nuse_cpu: true\n")
+    proc = _run([str(Path(python).with_name("trl")), "sft", "--config", str(config), "--flow_tau", "2.0",
+                 "--dataloader_num_workers", "0"])
+    text = proc.stdout + proc.stderr
+    assert len([line for line in text.splitlines() if "flow/weight" in line]) == 2, text[-4000:]
+    assert "tau = 2 (given)" in text
+
+
 # The plain-Trainer one-liners run beside TRL 0.24's scenarios (LLaMA-Factory's transformers): that instance only.
 @pytest.mark.e2e
 @pytest.mark.parametrize("run", ["trl024"], indirect=True)
