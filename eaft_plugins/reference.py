@@ -155,7 +155,11 @@ class FlowTable:
         if not training:
             return torch.ones(rows, dtype=torch.float64)
         out = []
-        for key in row_keys(inputs):
+        supervised = (inputs["labels"].reshape(rows, -1) != -100).any(1).tolist()
+        for key, teaches in zip(row_keys(inputs), supervised):
+            if not teaches:  # no supervised token: nothing to weigh (measure() skipped it too)
+                out.append(1.0)
+                continue
             if key not in self.weights:
                 raise ValueError(
                     f"{self.shown}: a training row was not among the examples measured before the first step (the "

@@ -267,3 +267,22 @@ def test_the_frozen_copy_runs_its_own_forward_not_a_wrapper_of_the_trained_model
     with torch.no_grad():
         model.scale *= 2.0
     torch.testing.assert_close(start.logits(model, {"input_ids": labels.clamp_min(0), "labels": labels}), logits)
+
+
+def test_flow_weighs_an_all_masked_row_without_looking_it_up():
+    """measure() skips a row with no supervised token; the same row in training must not stop the run."""
+    from eaft_plugins.reference import FlowTable
+
+    logits, labels = batch(9)
+    inputs = {"input_ids": labels.clamp_min(0), "labels": labels}
+    table = FlowTable()
+    table.measure(Echo(logits), [inputs])
+    table.finish()
+    masked = dict(inputs, labels=torch.full_like(labels, IGNORE))
+    run = method_run("flow")
+    run.flow_table = table
+    run.prepare(Echo(logits), masked, training=True)
+    x = logits.clone().requires_grad_()
+    loss = run.dense_loss(x, masked["labels"], training=True, step=0)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.count_nonzero(x.grad) == 0
