@@ -105,7 +105,8 @@ class EAFTRun:
             self.fused = patch_model_for_fused_eaft(model, self.options, keep_logits=keep_logits, method=self.method)
             self.fused.add_aux_loss = self.router_aux
         except ValueError as exc:
-            raise ValueError(f"{self._fused_on}: {exc}; or set {self.spelling.assign(self._fused_key, False)} "
+            why = str(exc).replace("fused EAFT", f"fused {self.title}")  # the model layer words it for EAFT
+            raise ValueError(f"{self._fused_on}: {why}; or set {self.spelling.assign(self._fused_key, False)} "
                              f"({self.title} on the model's logits)") from None
         self.fused.mean_weight = lambda: self.mean_weight
         self._forward = self.fused.model.__dict__["forward"]

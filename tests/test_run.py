@@ -286,3 +286,20 @@ def test_flow_weighs_an_all_masked_row_without_looking_it_up():
     loss = run.dense_loss(x, masked["labels"], training=True, step=0)
     loss.backward()
     assert loss.item() == 0.0 and torch.count_nonzero(x.grad) == 0
+
+
+def test_a_fused_refusal_names_the_methods_key_and_title():
+    run = method_run("talr", fused=True)
+    with pytest.raises(ValueError, match=r"^talr_fused: true: fused TALR needs a plain nn.Linear lm_head.*or set "
+                                         r"talr_fused: false \(TALR on the model's logits\)"):
+        run.patch_fused(model_without_a_plain_head())
+
+
+def model_without_a_plain_head():
+    import transformers
+
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, tie_word_embeddings=False))
+    model.lm_head = nn.Sequential(model.lm_head)  # not a plain nn.Linear
+    return model
