@@ -541,6 +541,19 @@ def test_torchrun_two_processes_reduce_metrics(smollm2_dir, tmp_path):
     assert _steps(r0["logs"])[0]["loss"] == pytest.approx(ref["loss"], rel=5e-3)
 
 
+def _cli_config(tmp_path, model_dir, loss: str) -> Path:
+    """A `trl sft` YAML config (2 steps of 1 row, CPU) over 2 rows, with `loss` (YAML lines) choosing the loss."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(2, seed=9)))
+    config = tmp_path / "sft.yaml"
+    config.write_text(
+        f"model_name_or_path: {model_dir}\ndataset_name: {data}\noutput_dir: {tmp_path / 'out'}\n{loss}"
+        "max_steps: 2\nper_device_train_batch_size: 1\nmax_length: 128\n"
+        "logging_steps: 1\nsave_strategy: 'no'\nreport_to: none\nbf16: false\nuse_cpu: true\n")
+    return config
+
+
 @pytest.mark.e2e
 @pytest.mark.parametrize("venv", list(VENVS))
 def test_trl_sft_cli_with_yaml_config(venv, smollm2_dir, tmp_path):
@@ -549,14 +562,7 @@ def test_trl_sft_cli_with_yaml_config(venv, smollm2_dir, tmp_path):
     # `trl` command imports every trainer first, and its DPO trainer needs `mergekit`, which .venv lacks (it fails
     # the same without eaft-plugins): there the script runs directly, as the launcher would run it.
     cli = [str(Path(python).with_name("trl")), "sft"] if venv == "trl-newest" else [python, "-m", "trl.scripts.sft"]
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(2, seed=9)))
-    config = tmp_path / "sft.yaml"
-    config.write_text(
-        f"model_name_or_path: {smollm2_dir}\ndataset_name: {data}\noutput_dir: {tmp_path / 'out'}\n"
-        "loss_type: eaft\neaft_alpha: 0.5\nmax_steps: 2\nper_device_train_batch_size: 1\nmax_length: 128\n"
-        "logging_steps: 1\nsave_strategy: 'no'\nreport_to: none\nbf16: false\nuse_cpu: true\n")
+    config = _cli_config(tmp_path, smollm2_dir, "loss_type: eaft\neaft_alpha: 0.5\n")
     proc = _run([*cli, "--config", str(config), "--eaft_topk", "12",
                  "--dataloader_num_workers", "0"])
     text = proc.stdout + proc.stderr
@@ -577,14 +583,7 @@ def test_trl_sft_cli_runs_another_method(smollm2_dir, tmp_path):
     from frameworks import tiny_llama
 
     python = _python("trl-newest")
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(2, seed=9)))
-    config = tmp_path / "sft.yaml"
-    config.write_text(
-        f"model_name_or_path: {tiny_llama(smollm2_dir, tmp_path / 'tiny')}\ndataset_name: {data}\n"
-        f"output_dir: {tmp_path / 'out'}\nloss_type: flow\nmax_steps: 2\nper_device_train_batch_size: 1\n"
-        "max_length: 128\nlogging_steps: 1\nsave_strategy: 'no'\nreport_to: none\nbf16: false\nuse_cpu: true\n")
+    config = _cli_config(tmp_path, tiny_llama(smollm2_dir, tmp_path / "tiny"), "loss_type: flow\n")
     proc = _run([str(Path(python).with_name("trl")), "sft", "--config", str(config), "--flow_tau", "2.0",
                  "--dataloader_num_workers", "0"])
     text = proc.stdout + proc.stderr
