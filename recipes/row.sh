@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One row of the paper's tables, from the data to the row in the collected table, on one 8-GPU node.
 #   bash recipes/row.sh DOMAIN METHOD [--dry-run]
-#     DOMAIN: math | medical | agent      METHOD: base | sft | eaft | dft | eaft_hard
+#     DOMAIN: math | medical | agent
+#     METHOD: base (evaluation only) or one of the domain's methods (recipes/DOMAIN/hparams.sh METHODS):
+#             math: sft sft_kl flow dft talr eaft eaft_hard; medical, agent: sft dft eaft eaft_hard
 # Stages, each printed as `+ command` before it runs (--dry-run prints them and runs nothing):
 #   data       the training set (math: Qwen3-235B-A22B-Instruct-2507 answers, verified); skipped when present
 #   train      recipes/DOMAIN/$FRAMEWORK.sh METHOD
@@ -14,13 +16,12 @@
 #      PYTHON (python); the launchers' (NNODES, ...) and run_eval.sh's (TP, LIMIT, ...) variables pass through.
 set -euo pipefail
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-USAGE="usage: $0 DOMAIN {base|sft|eaft|dft|eaft_hard} [--dry-run]"
+USAGE="usage: $0 DOMAIN {base|METHOD} [--dry-run]"
 DOMAIN=${1:?$USAGE}
 METHOD=${2:?$USAGE}
 DRY_RUN=0
 [ "${3:-}" = "--dry-run" ] && DRY_RUN=1
 case "$DOMAIN" in math|medical|agent) ;; *) echo "$USAGE" >&2; exit 2 ;; esac
-case "$METHOD" in base|sft|eaft|dft|eaft_hard) ;; *) echo "$USAGE" >&2; exit 2 ;; esac
 FRAMEWORK=${FRAMEWORK:-llamafactory}
 case "$FRAMEWORK" in
   llamafactory) SAVES=llamafactory ;;
@@ -31,7 +32,11 @@ esac
 PYTHON=${PYTHON:-python}
 source "$REPO_ROOT/recipes/common/launch_lib.sh"
 source "$REPO_ROOT/recipes/common/serve_lib.sh"
-source "$REPO_ROOT/recipes/$DOMAIN/hparams.sh"  # MODEL
+source "$REPO_ROOT/recipes/$DOMAIN/hparams.sh"  # MODEL, METHODS
+case " base ${METHODS[*]} " in
+  *" $METHOD "*) ;;
+  *) echo "METHOD must be one of: base ${METHODS[*]} (got '$METHOD')" >&2; exit 2 ;;
+esac
 TEACHER=Qwen/Qwen3-235B-A22B-Instruct-2507
 TEACHER_PORT=8000
 GENERATED="recipes/$DOMAIN/data/generated"

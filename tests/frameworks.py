@@ -130,6 +130,78 @@ print("REFERENCE", json.dumps({"loss": sum(o.loss.item() for o in plain), "loss_
 """
 
 
+def method_first_batch(cfg: dict, batch_size: int, methods: dict, python=sys.executable) -> dict:
+    """Step 1 of SFT-KL / FLOW / TALR recomputed independently of the trainer, one subprocess for all: LLaMA-Factory's
+    own tokenisation, the untouched model on each row (no padding), the rows padded into one micro-batch of
+    `batch_size` rows, and the method's op (`methods`: {method: its options}) with N = the step's supervised tokens.
+    SFT-KL's starting model is the model itself at step 1; FLOW's starting losses are measured on every training row
+    (its temperature is their median). Returns {method: {"loss", "tokens", "<metric>": per-token mean, ...}}."""
+    job = json.dumps({"cfg": cfg, "batch_size": batch_size, "methods": methods, "tests": str(TESTS)})
+    proc = subprocess.run([python, "-c", _METHOD_REFERENCE, job], capture_output=True, text=True, env=lf_env(python),
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.split("REFERENCE", 1)[1])
+
+
+def check_method_steps(steps: list, ref: dict, method: str, rel: float, tokens: bool = True) -> None:
+    """A 2-step run of SFT-KL / FLOW / TALR: its metrics logged at both steps, step 1 equal to the op recomputed
+    (`ref`: loss and the per-token means), SFT-KL's KL 0 at step 1 (the model is the starting model) and > 0 after."""
+    import pytest
+
+    from eaft_plugins.run import metric_names
+
+    assert len(steps) == 2, steps
+    for row in steps:
+        assert set(metric_names("train", method)) <= set(row), row
+    assert steps[0]["loss"] == pytest.approx(ref["loss"], rel=rel)
+    for key in metric_names("train", method):
+        assert steps[0][key] == pytest.approx(ref[key], rel=rel, abs=1e-6), key
+    if tokens:
+        assert steps[0][f"{method}/tokens"] == ref[f"{method}/tokens"]
+    if method == "sft_kl":
+        assert steps[0]["sft_kl/kl"] == pytest.approx(0.0, abs=1e-6) and steps[1]["sft_kl/kl"] > 0
+
+
+_METHOD_REFERENCE = """
+import json, sys
+job = json.loads(sys.argv[1])
+sys.path.insert(0, job["tests"])
+import torch
+from eaft_plugins.ops.flow import flow_loss, flow_weights, sequence_losses
+from eaft_plugins.ops.sft_kl import sft_kl_loss
+from eaft_plugins.ops.talr import talr_loss
+from frameworks import sft_rows
+from transformers import AutoModelForCausalLM
+
+ds = sft_rows(job["cfg"])
+model = AutoModelForCausalLM.from_pretrained(job["cfg"]["model_name_or_path"], dtype=torch.float32).eval()
+with torch.no_grad():  # one row at a time: no padding at all
+    logits = [model(input_ids=torch.tensor([r["input_ids"]])).logits[0] for r in ds]
+labels = [torch.tensor(r["labels"]) for r in ds]
+rows = range(job["batch_size"])
+width = max(len(labels[i]) for i in rows)
+z = torch.zeros(len(rows), width, logits[0].shape[-1])
+y = torch.full((len(rows), width), -100)
+for i in rows:
+    z[i, :len(labels[i])], y[i, :len(labels[i])] = logits[i], labels[i]
+n = int((y != -100).sum())
+out = {}
+for method, options in job["methods"].items():
+    if method == "sft_kl":
+        res = sft_kl_loss(z, y, z.clone(), num_items_in_batch=n, **options)
+    elif method == "flow":
+        start = torch.cat([sequence_losses(logits[i][None], labels[i][None]) for i in range(len(ds))])
+        keep = ~start.isnan()  # a row with no supervised token has no starting loss
+        weights = torch.zeros_like(start)
+        weights[keep] = flow_weights(start[keep], options.get("tau"))[0]
+        res = flow_loss(z, y, weights[: len(rows)], num_items_in_batch=n, **options)
+    else:
+        res = talr_loss(z, y, num_items_in_batch=n, **options)
+    out[method] = dict(res.stats.means(method + "/"), loss=res.loss.item())
+print("REFERENCE", json.dumps(out))
+"""
+
+
 TOKENIZER_FILES = ("tokenizer", "special_tokens", "vocab", "merges", "chat_template")
 
 

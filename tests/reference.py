@@ -116,3 +116,93 @@ def reference_linear(hidden, weight, bias, labels, **kwargs):
     loss, dz, count = reference_loss(logits, labels, **kwargs)
     flat_dz, flat_h = dz.reshape(-1, w.shape[0]), h.reshape(-1, w.shape[1])
     return loss, (flat_dz @ w).reshape(h.shape), flat_dz.T @ flat_h, flat_dz.sum(0), count
+
+
+# ---- the math table's other losses (SFT-KL, FLOW, TALR), each written from its paper's formula: a loop over the
+# supervised tokens in float64 on the CPU; gradients by autograd through that formula, the weights plain floats.
+
+
+def _tokens(labels, shift, token_scale):
+    """[(row, position, label, scale)] of the supervised tokens, in order; position t predicts labels[t + shift]."""
+    ys = labels.cpu().reshape(-1, labels.shape[-1])
+    scale = None if token_scale is None else token_scale.detach().cpu().double().reshape(ys.shape)
+    out = []
+    for b in range(ys.shape[0]):
+        for t in range(ys.shape[1] - 1 if shift else ys.shape[1]):
+            s = t + 1 if shift else t
+            if int(ys[b, s]) != IGNORE:
+                out.append((b, t, int(ys[b, s]), 1.0 if scale is None else float(scale[b, s])))
+    return out
+
+
+def _leaf(logits):
+    z = logits.detach().cpu().double().reshape(-1, logits.shape[-2], logits.shape[-1]).clone().requires_grad_()
+    return z
+
+
+def _finish(z, total, logits):
+    """(loss, d loss / d logits shaped like logits) from a float64 graph `total` on the leaf z."""
+    total = torch.as_tensor(total, dtype=torch.float64) if not torch.is_tensor(total) else total
+    if total.requires_grad:
+        total.backward()
+    grad = z.grad if z.grad is not None else torch.zeros_like(z)
+    return float(total.detach()), grad.reshape(logits.shape)
+
+
+def reference_sft_kl(logits, labels, ref_logits, *, beta=0.5, direction="forward", num_items=None, shift=True,
+                     token_scale=None):
+    """SFT-KL: sum_t s_t * (-log p_t(y_t) + beta * KL_t) / N; forward KL_t = KL(q_t || p_t) = sum_v q log(q / p),
+    reverse KL_t = KL(p_t || q_t); p the model's softmax, q the starting model's (no gradient)."""
+    z = _leaf(logits)
+    r = ref_logits.detach().cpu().double().reshape(z.shape)
+    toks = _tokens(labels, shift, token_scale)
+    n = num_items if num_items is not None else max(len(toks), 1)
+    total = torch.zeros((), dtype=torch.float64)
+    for b, t, y, s in toks:
+        logp, logq = torch.log_softmax(z[b, t], -1), torch.log_softmax(r[b, t], -1)
+        if direction == "forward":
+            kl = (logq.exp() * (logq - logp)).sum()
+        else:
+            kl = (logp.exp() * (logp - logq)).sum()
+        total = total + s * (-logp[y] + beta * kl) / n
+    return _finish(z, total, logits)
+
+
+def reference_flow(logits, labels, start_losses, *, tau=None, num_items=None, shift=True, token_scale=None):
+    """FLOW (Sanyal et al. 2025, eq. 4-5): w_i = exp(-L_i / tau), tau the median of the examples' starting losses
+    L_i when not given; loss = sum_i w_i sum_t s_t * ce_it / N. Returns (loss, grad, weights)."""
+    losses = [float(x) for x in start_losses]
+    if tau is None:
+        ordered = sorted(losses)
+        m = len(ordered)
+        tau = (ordered[(m - 1) // 2] + ordered[m // 2]) / 2
+    weights = [math.exp(-x / tau) for x in losses]
+    z = _leaf(logits)
+    toks = _tokens(labels, shift, token_scale)
+    n = num_items if num_items is not None else max(len(toks), 1)
+    total = torch.zeros((), dtype=torch.float64)
+    for b, t, y, s in toks:
+        total = total + weights[b] * s * -torch.log_softmax(z[b, t], -1)[y] / n
+    loss, grad = _finish(z, total, logits)
+    return loss, grad, weights
+
+
+def reference_talr(logits, labels, *, tau=None, min_weight=0.01, num_items=None, shift=True, token_scale=None):
+    """TALR (Lin et al. 2025): w_t = max(p_t(y_t) ** (1 / tau), min_weight), a constant; loss = sum_t s_t w_t ce_t / N.
+    tau None: the median over the batch's sequences of their mean token cross-entropy. Returns (loss, grad, tau)."""
+    z = _leaf(logits)
+    toks = _tokens(labels, shift, token_scale)
+    ces = [-float(torch.log_softmax(z[b, t].detach(), -1)[y]) for b, t, y, _ in toks]
+    if tau is None and toks:
+        per_row = {}
+        for (b, _, _, _), ce in zip(toks, ces):
+            per_row.setdefault(b, []).append(ce)
+        means = sorted(sum(v) / len(v) for v in per_row.values())
+        tau = (means[(len(means) - 1) // 2] + means[len(means) // 2]) / 2
+    n = num_items if num_items is not None else max(len(toks), 1)
+    total = torch.zeros((), dtype=torch.float64)
+    for (b, t, y, s), ce in zip(toks, ces):
+        w = max(math.exp(-ce) ** (1.0 / tau), min_weight)
+        total = total + s * w * -torch.log_softmax(z[b, t], -1)[y] / n
+    loss, grad = _finish(z, total, logits)
+    return loss, grad, tau

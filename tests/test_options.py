@@ -16,8 +16,8 @@ def test_every_user_setting_has_a_key_a_kind_and_help():
     assert {s.key for s in RETENTION_SETTINGS} == {"retention_probe", "retention_steps"}
     assert len(SETTINGS_BY_KEY) == len(USER_SETTINGS)  # no key twice
     for s in USER_SETTINGS:
-        assert s.help and s.kind in ("topk", "float", "choice", "bool", "probe", "steps")
-        assert s.key.startswith("eaft_") == (s.group != "retention")
+        assert s.help and s.kind in ("topk", "tau", "float", "choice", "bool", "probe", "steps")
+        assert s.key.startswith(f"{s.method}_") == (s.group != "retention")  # eaft_topk, flow_tau, retention_probe
     assert {s.key for s in SETTINGS if s.trainer} == {"eaft_log_metrics", "eaft_fused"}
 
 
@@ -101,3 +101,84 @@ def test_vocabulary_and_divisors():
     assert EAFTOptions(entropy_norm="none").entropy_divisor(100) == 1.0
     assert EAFTOptions(topk=None).entropy_divisor(100) == pytest.approx(math.log(100))
     assert EAFTOptions().rows_per_chunk(1 << 20) == 16 and EAFTOptions(chunk_size=3).rows_per_chunk(10) == 3
+
+
+# ---- the math table's other losses: SFT-KL, FLOW, TALR
+
+
+def test_every_method_has_its_keys_and_two_trainer_settings():
+    from eaft_plugins.options import METHOD_KEYS, METHODS
+
+    assert list(METHODS) == ["eaft", "sft_kl", "flow", "talr"]
+    assert METHOD_KEYS["sft_kl"] == ("sft_kl_beta", "sft_kl_direction", "sft_kl_log_metrics", "sft_kl_fused")
+    assert METHOD_KEYS["flow"] == ("flow_tau", "flow_log_metrics", "flow_fused")
+    assert METHOD_KEYS["talr"] == ("talr_tau", "talr_min_weight", "talr_log_metrics", "talr_fused")
+    assert [m for m, method in METHODS.items() if not method.fused] == ["sft_kl"]
+
+
+def test_method_defaults():
+    from eaft_plugins.options import FLOWOptions, SFTKLOptions, TALROptions
+
+    assert config_from_keys({}, method="sft_kl").options == SFTKLOptions(beta=0.5, direction="forward")
+    assert config_from_keys({}, method="flow").options == FLOWOptions(tau=None)  # the median
+    assert config_from_keys({}, method="talr").options == TALROptions(tau=None, min_weight=0.01)
+    for method in ("sft_kl", "flow", "talr"):
+        config = config_from_keys({}, method=method)
+        assert (config.method, config.fused, config.log_metrics) == (method, False, True)
+    assert [SETTINGS_BY_KEY[k].default_text for k in ("flow_tau", "talr_tau", "sft_kl_beta")] == ["median", "median",
+                                                                                                    "0.5"]
+
+
+@pytest.mark.parametrize("method, key, written, parsed", [
+    ("sft_kl", "sft_kl_beta", "0.2", 0.2), ("sft_kl", "sft_kl_beta", 0, 0.0),
+    ("sft_kl", "sft_kl_direction", "reverse", "reverse"),
+    ("flow", "flow_tau", "0.7", 0.7), ("flow", "flow_tau", 2, 2.0), ("flow", "flow_tau", "median", None),
+    ("flow", "flow_tau", " Median ", None),
+    ("talr", "talr_tau", "1e-2", 0.01), ("talr", "talr_min_weight", "0", 0.0), ("talr", "talr_min_weight", 1, 1.0),
+])
+def test_method_keys_are_parsed(method, key, written, parsed):
+    options = config_from_keys({key: written}, method=method).options
+    assert getattr(options, SETTINGS_BY_KEY[key].name) == parsed
+
+
+@pytest.mark.parametrize("method, key, written, allowed", [
+    ("sft_kl", "sft_kl_beta", -0.5, ">= 0.0"), ("sft_kl", "sft_kl_beta", "nan", "a finite number"),
+    ("sft_kl", "sft_kl_direction", "both", "['forward', 'reverse']"),
+    ("flow", "flow_tau", 0, "a positive number or 'median'"), ("flow", "flow_tau", -1, ">= 0.0"),
+    ("flow", "flow_tau", "mean", "a positive number or 'median'"), ("flow", "flow_tau", "inf", "a finite number"),
+    ("talr", "talr_tau", "hot", "a positive number or 'median'"), ("talr", "talr_min_weight", 1.5, "in [0.0, 1.0]"),
+    ("talr", "talr_fused", "maybe", "must be true or false"), ("flow", "flow_log_metrics", 3, "must be true or false"),
+    ("sft_kl", "sft_kl_fused", True, "SFT-KL has no fused path"),
+])
+def test_a_bad_method_value_names_the_key(method, key, written, allowed):
+    with pytest.raises(ValueError) as err:
+        config_from_keys({key: written}, LF, method=method)
+    assert str(err.value).startswith(f"LLaMA-Factory key `{key}` {written!r} is invalid: ") and allowed in str(err.value)
+
+
+def test_a_key_of_another_method_is_unknown_to_this_one():
+    with pytest.raises(ValueError, match=r"unknown TALR setting\(s\) \['--flow_tau'\]; allowed: \['--talr_tau'"):
+        config_from_keys({"flow_tau": 1.0}, Spelling("--{key}"), method="talr")
+    with pytest.raises(ValueError, match=r"unknown FLOW setting\(s\) \['--eaft_topk'\]"):
+        config_from_keys({"eaft_topk": 20}, Spelling("--{key}"), method="flow")
+
+
+def test_method_records_refuse_bad_values_directly():
+    from eaft_plugins.options import FLOWOptions, SFTKLOptions, TALROptions, make_method_options
+
+    with pytest.raises(ValueError, match=r"^beta must be >= 0.0, got -1"):
+        SFTKLOptions(beta=-1)
+    with pytest.raises(ValueError, match=r"^tau must be a positive number or 'median', got 0"):
+        FLOWOptions(tau=0)
+    with pytest.raises(ValueError, match=r"^min_weight must be in \[0.0, 1.0\]"):
+        TALROptions(min_weight=-0.1)
+    with pytest.raises(ValueError, match=r"unknown TALR option\(s\) \['beta'\]"):
+        make_method_options(TALROptions, beta=1)
+    assert FLOWOptions(tau="median").tau is None and TALROptions(tau=3).tau == 3
+
+
+def test_spelling_for_another_method():
+    swift = Spelling("--{key}", "--{key} {value}", "--loss_type eaft", method_format="--loss_type {method}")
+    assert swift.for_method("flow").enabled == "--loss_type flow" and swift.for_method("flow").method == "flow"
+    assert swift.for_method("eaft") is swift
+    assert Spelling("--{dashed}").shown("sft_kl_beta") == "--beta"  # the method's prefix, not just eaft_

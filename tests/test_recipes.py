@@ -12,6 +12,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,13 +25,9 @@ import teacher
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
 DOMAINS = ("math", "medical", "agent")
-METHODS = ("sft", "eaft", "eaft_hard", "dft")
 LAUNCHERS = ("llamafactory", "swift_deepspeed", "swift_megatron")
 _SWIFT_SPEC = importlib.util.find_spec("swift")
 SITE = Path(_SWIFT_SPEC.origin).parents[1] if _SWIFT_SPEC else Path("/nonexistent")  # site-packages
-# Keys a method may set; everything else in a domain's YAMLs must be identical across methods.
-LOSS_KEYS = {"use_eaft_loss", "use_dft_loss", "eaft_alpha", "eaft_topk", "eaft_entropy_norm", "eaft_gate",
-             "eaft_h_min", "eaft_p_min", "eaft_weight_norm", "eaft_log_metrics"}
 
 
 def _load(name: str, path: Path):
@@ -41,6 +38,24 @@ def _load(name: str, path: Path):
 
 
 generate = _load("recipes_generate", RECIPES / "generate.py")
+METHODS = generate.METHOD_NAMES  # every domain's
+MATH_TABLE = ("sft", "sft_kl", "flow", "dft", "talr", "eaft")  # the paper's math rows that train (and base)
+BASELINES = ("sft_kl", "flow", "talr")  # eaft-plugins' other losses: swift sft and LLaMA-Factory, not megatron sft
+
+
+def domain_methods(domain):
+    return generate.methods(generate.load_hparams(domain))
+
+
+def _loss_keys():
+    """Keys a method may set (the frameworks' switches and every key of eaft-plugins' methods); everything else in
+    a domain's YAMLs must be identical across methods."""
+    from eaft_plugins.options import ALL_METHOD_KEYS, METHODS as LOSSES
+
+    return {"use_dft_loss", *(f"use_{m}_loss" for m in LOSSES), *ALL_METHOD_KEYS}
+
+
+LOSS_KEYS = _loss_keys()
 build_data = _load("recipes_math_build_data", RECIPES / "math" / "build_data.py")
 medical_data = _load("recipes_medical_prepare", RECIPES / "medical" / "prepare_data.py")
 agent_data = _load("recipes_agent_prepare", RECIPES / "agent" / "prepare_data.py")
@@ -88,11 +103,23 @@ def test_generated_files_are_in_sync():
     assert not stale, f"run `python recipes/generate.py`: stale {[str(p.relative_to(ROOT)) for p in stale]}"
 
 
+def _shared(cfg, method):
+    """A YAML less its loss keys and its own output folder (SFT-KL: its ZeRO-2 config read as the domain's,
+    checked apart)."""
+    out = {k: v for k, v in cfg.items() if k not in LOSS_KEYS and k != "output_dir"}
+    if method == "sft_kl":
+        out["deepspeed"] = "recipes/common/ds_z3_config.json"
+    return out
+
+
 @pytest.mark.parametrize("domain", DOMAINS)
 def test_methods_differ_only_in_the_loss(domain):
-    cfgs = {m: yaml.safe_load((RECIPES / domain / "llamafactory" / f"{m}.yaml").read_text()) for m in METHODS}
-    shared = {m: {k: v for k, v in c.items() if k not in LOSS_KEYS and k != "output_dir"} for m, c in cfgs.items()}
+    methods = domain_methods(domain)
+    assert set(METHODS) <= set(methods)
+    cfgs = {m: yaml.safe_load((RECIPES / domain / "llamafactory" / f"{m}.yaml").read_text()) for m in methods}
+    shared = {m: _shared(c, m) for m, c in cfgs.items()}
     assert all(s == shared["sft"] for s in shared.values())
+    assert all(c["output_dir"].endswith(f"/{m}") for m, c in cfgs.items())
     hp = yaml.safe_load((RECIPES / domain / "hparams.yaml").read_text())
     sft = cfgs["sft"]
     assert sft["learning_rate"] == 1e-5 and sft["num_train_epochs"] == 10 and sft["lr_scheduler_type"] == "cosine"
@@ -110,6 +137,29 @@ def test_methods_differ_only_in_the_loss(domain):
     assert sft["dataset"] in info
 
 
+def test_math_has_every_row_of_the_paper_table():
+    """The math table's six trained rows (+ the ablation) from the one hparams.yaml, each with its loss switch and
+    keys only; SFT-KL also with ZeRO-2 (its frozen starting model cannot be copied from ZeRO-3 shards)."""
+    hp = generate.load_hparams("math")
+    assert generate.methods(hp) == (*MATH_TABLE[:-1], "eaft", "eaft_hard")
+    cfgs = {m: yaml.safe_load((RECIPES / "math" / "llamafactory" / f"{m}.yaml").read_text()) for m in MATH_TABLE}
+    loss = {m: {k: v for k, v in c.items() if k in LOSS_KEYS} for m, c in cfgs.items()}
+    assert loss["sft"] == {} and loss["dft"] == {"use_dft_loss": True}
+    assert loss["sft_kl"] == {"use_sft_kl_loss": True, "sft_kl_beta": 0.5, "sft_kl_direction": "forward",
+                              "sft_kl_log_metrics": True}
+    assert loss["flow"] == {"use_flow_loss": True, "flow_tau": "median", "flow_log_metrics": True}
+    assert loss["talr"] == {"use_talr_loss": True, "talr_tau": "median", "talr_min_weight": 0.01,
+                            "talr_log_metrics": True}
+    assert loss["eaft"]["use_eaft_loss"] is True
+    zero = {m: json.loads((ROOT / c["deepspeed"]).read_text())["zero_optimization"]["stage"] for m, c in cfgs.items()}
+    assert zero == {**{m: 3 for m in MATH_TABLE}, "sft_kl": 2}
+    # the values are the options' own defaults (the papers'), written out so the recipe reads top to bottom
+    from eaft_plugins.options import FLOWOptions, SFTKLOptions, TALROptions
+
+    assert (SFTKLOptions().beta, SFTKLOptions().direction) == (0.5, "forward")
+    assert FLOWOptions().tau is None and TALROptions().tau is None and TALROptions().min_weight == 0.01
+
+
 # ----------------------------------------------------------------------------- launchers
 
 def test_launchers_pass_bash_n():
@@ -123,7 +173,7 @@ def test_launchers_pass_bash_n():
 @pytest.mark.parametrize("domain", DOMAINS)
 def test_dry_run_commands(domain):
     hp = yaml.safe_load((RECIPES / domain / "hparams.yaml").read_text())
-    for method in METHODS:
+    for method in domain_methods(domain):
         envs, argv = dry_run(domain, "llamafactory", method)
         assert envs == {"FORCE_TORCHRUN": "1", "NNODES": "1", "NODE_RANK": "0", "MASTER_ADDR": "127.0.0.1",
                         "MASTER_PORT": "29500", "NPROC_PER_NODE": "8"}
@@ -132,8 +182,13 @@ def test_dry_run_commands(domain):
 
         loss = {"sft": {}, "dft": {"enable_dft_loss": "true"},
                 "eaft": {"loss_type": "eaft", "eaft_topk": "20", "eaft_alpha": "1.0", "eaft_gate": "soft"},
-                "eaft_hard": {"loss_type": "eaft", "eaft_gate": "hard", "eaft_h_min": "0.15", "eaft_p_min": "0.1"}}[method]
+                "eaft_hard": {"loss_type": "eaft", "eaft_gate": "hard", "eaft_h_min": "0.15", "eaft_p_min": "0.1"},
+                "sft_kl": {"loss_type": "sft_kl", "sft_kl_beta": "0.5", "sft_kl_direction": "forward"},
+                "flow": {"loss_type": "flow", "flow_tau": "median"},
+                "talr": {"loss_type": "talr", "talr_tau": "median", "talr_min_weight": "0.01"}}[method]
         for launcher, head in (("swift_deepspeed", ["swift", "sft"]), ("swift_megatron", ["megatron", "sft"])):
+            if launcher == "swift_megatron" and method in BASELINES:
+                continue  # refused (test_megatron_refuses_the_baselines)
             envs, argv = dry_run(domain, launcher, method)
             assert envs["NNODES"] == "1" and envs["NPROC_PER_NODE"] == "8" and "MASTER_ADDR" in envs
             assert argv[:2] == head
@@ -144,8 +199,10 @@ def test_dry_run_commands(domain):
             assert {k: flags.get(k) for k in loss} == loss
             if method == "sft":
                 assert not any(k.startswith("eaft") or k in ("loss_type", "enable_dft_loss") for k in flags)
+            if method != "dft":
+                assert "enable_dft_loss" not in flags
             if launcher == "swift_deepspeed":
-                assert flags["deepspeed"] == "recipes/common/ds_z3_config.json"
+                assert flags["deepspeed"] == generate.zero_config(hp, method)
                 assert int(flags["gradient_accumulation_steps"]) * 8 * hp["per_device_batch_size"] == 64
             else:
                 assert flags["global_batch_size"] == "64"
@@ -176,6 +233,41 @@ def test_dry_run_multi_node_and_overrides():
     assert flag_dict(argv[2:])["sequence_parallel"] == "false"
 
 
+@pytest.mark.parametrize("method", BASELINES)
+def test_megatron_refuses_the_baselines(method):
+    """eaft-plugins wires only EAFT into `megatron sft`: the launcher says so before starting anything, and names
+    the launchers that run the method. Its DFT is ms-swift's own flag, which MegatronSftArguments has."""
+    res = subprocess.run(["bash", str(RECIPES / "math" / "swift_megatron.sh"), method, "--dry-run"],
+                         capture_output=True, text=True, env=_env(), timeout=60)
+    assert res.returncode == 2 and "+ " not in res.stdout
+    assert f"has no --loss_type {method}" in res.stderr and "recipes/math/swift_deepspeed.sh" in res.stderr
+    _, argv = dry_run("math", "swift_megatron", "dft")
+    assert flag_dict(argv[2:])["enable_dft_loss"] == "true"
+
+
+def test_loss_md_states_every_key_of_the_baselines():
+    """docs/loss.md's sections on the recipes' baselines are hand-written (doc_tables generates EAFT's tables only):
+    every key of SFT-KL, FLOW and TALR, with its default, and the fused rule of each, as eaft_plugins.options has
+    them."""
+    from eaft_plugins.options import METHOD_SETTINGS, METHODS as LOSSES
+
+    text = (ROOT / "docs" / "loss.md").read_text()
+    for method in BASELINES:
+        assert f"use_{method}_loss: true" in text and f"--loss_type {method}" in text and f'loss_type="{method}"' in text
+        for setting in METHOD_SETTINGS[method]:
+            if setting.group == "loss":
+                assert f"`{setting.key}` (default `{setting.default_text}`" in text, setting.key
+        fused = f"**Fused:** `{method}_fused: true`" if LOSSES[method].fused else f"`{method}_fused: true` is refused"
+        assert fused in text, method
+
+
+def test_swift_zero_config_follows_the_method():
+    _, argv = dry_run("math", "swift_deepspeed", "sft_kl")
+    assert flag_dict(argv[2:])["deepspeed"] == "recipes/common/ds_z2_config.json"
+    _, argv = dry_run("math", "swift_deepspeed", "sft_kl", ZERO_CONFIG="recipes/common/ds_z3_offload_config.json")
+    assert flag_dict(argv[2:])["deepspeed"] == "recipes/common/ds_z3_offload_config.json"  # the user's wins
+
+
 def test_launcher_errors():
     def rc(*args, **env):
         res = subprocess.run(["bash", str(RECIPES / "math" / "swift_megatron.sh"), *args], capture_output=True,
@@ -183,7 +275,7 @@ def test_launcher_errors():
         return res.returncode, res.stderr
 
     code, err = rc("bogus", "--dry-run")
-    assert code == 2 and "METHOD must be one of: sft eaft eaft_hard dft" in err
+    assert code == 2 and "METHOD must be one of: sft sft_kl flow dft talr eaft eaft_hard" in err
     code, err = rc("eaft", "--dry-run", TP="3")
     assert code == 2 and "not divisible" in err
     code, err = rc("eaft", "--dry-run", NPROC_PER_NODE="3", TP="1")
@@ -202,7 +294,9 @@ for path, overrides in json.loads(sys.argv[1]).items():
     cfg = yaml.safe_load(open(path))
     cfg.update(overrides)
     model, data, train, ft, gen = get_train_args(cfg)
+    config = getattr(ft, "eaft_config", None)  # eaft-plugins' loss config of the method that is on
     out[path] = {"ft": {k: getattr(ft, k, None) for k in sys.argv[2].split(",")},
+                 "method": None if config is None else config.method,
                  "lr": train.learning_rate, "ga": train.gradient_accumulation_steps,
                  "epochs": train.num_train_epochs, "cutoff": data.cutoff_len, "template": data.template,
                  "dataset": data.dataset, "scheduler": getattr(train.lr_scheduler_type, "value", str(train.lr_scheduler_type))}
@@ -222,7 +316,7 @@ def test_llamafactory_parses_every_yaml(smollm2_dir, tmp_path):
     # GPUs), no bf16 (CPU), a scratch output_dir. Loss keys and hyperparameters are untouched.
     jobs = {}
     for d in DOMAINS:
-        for m in METHODS:
+        for m in domain_methods(d):
             jobs[str(RECIPES / d / "llamafactory" / f"{m}.yaml")] = {
                 "model_name_or_path": str(smollm2_dir), "deepspeed": None, "bf16": False,
                 "output_dir": str(tmp_path / d / m)}
@@ -237,12 +331,16 @@ def test_llamafactory_parses_every_yaml(smollm2_dir, tmp_path):
         assert got["scheduler"] == cfg["lr_scheduler_type"]
         for k in LOSS_KEYS & set(cfg):
             assert got["ft"][k] == cfg[k], (path, k, got["ft"][k], cfg[k])
-        if "eaft" not in Path(path).stem:
+        method = Path(path).stem
+        if "eaft" not in method:
             assert not got["ft"]["use_eaft_loss"]
+        # the loss that runs is the file's: eaft-plugins' method, or none of ours (sft; dft: LLaMA-Factory's own)
+        assert got["method"] == {"eaft_hard": "eaft", "sft": None, "dft": None}.get(method, method), path
+        assert bool(got["ft"]["use_dft_loss"]) == (method == "dft")
 
 
 SWIFT_PARSE = r"""
-import json, sys
+import dataclasses, json, sys
 from swift.arguments import SftArguments
 from swift.utils import parse_args
 out = {}
@@ -251,10 +349,12 @@ for name, argv in json.loads(sys.argv[1]).items():
     ta = args.training_args
     config = getattr(ta, "eaft_config", None)
     opts = None if config is None else config.options
+    fields = [f.name for f in dataclasses.fields(opts) if f.name not in ("ignore_index", "chunk_size")] if opts else []
     out[name] = {"remaining": remaining, "loss_type": args.loss_type, "dft": args.enable_dft_loss,
                  "lr": ta.learning_rate, "ga": ta.gradient_accumulation_steps, "epochs": ta.num_train_epochs,
                  "max_length": args.max_length, "tuner_type": args.tuner_type,
-                 "options": None if opts is None else {k: getattr(opts, k) for k in ("topk", "alpha", "gate", "entropy_norm", "h_min", "p_min", "weight_norm")}}
+                 "method": None if config is None else config.method,
+                 "options": None if opts is None else {k: getattr(opts, k) for k in fields}}
 print("RESULT" + json.dumps(out))
 """
 
@@ -273,7 +373,7 @@ def _swift_argv(domain, method, smollm2_dir, tmp_path):
 
 @pytest.mark.e2e
 def test_swift_sft_arguments_parse_every_launcher(smollm2_dir, tmp_path):
-    jobs = {f"{d}/{m}": _swift_argv(d, m, smollm2_dir, tmp_path) for d in DOMAINS for m in METHODS}
+    jobs = {f"{d}/{m}": _swift_argv(d, m, smollm2_dir, tmp_path) for d in DOMAINS for m in domain_methods(d)}
     res = subprocess.run([sys.executable, "-c", SWIFT_PARSE, json.dumps(jobs)], capture_output=True, text=True,
                          env=_env(), cwd=ROOT, timeout=600)
     out = _result(res)
@@ -284,9 +384,13 @@ def test_swift_sft_arguments_parse_every_launcher(smollm2_dir, tmp_path):
         assert got["lr"] == 1e-5 and got["epochs"] == 10 and got["tuner_type"] == "full"
         assert got["ga"] == 8 and got["max_length"] == hp["max_length"]
         if method.startswith("eaft"):
-            assert got["loss_type"] == "eaft"
+            assert got["loss_type"] == "eaft" and got["method"] == "eaft"
             assert got["options"] == {"topk": 20, "alpha": 1.0, "gate": "soft" if method == "eaft" else "hard",
                                       "entropy_norm": "ln_k", "h_min": 0.15, "p_min": 0.1, "weight_norm": "none"}
+        elif method in BASELINES:  # parsed by eaft-plugins into the method's options ("median": tau None)
+            assert got["loss_type"] == method and got["method"] == method
+            assert got["options"] == {"sft_kl": {"beta": 0.5, "direction": "forward"}, "flow": {"tau": None},
+                                      "talr": {"tau": None, "min_weight": 0.01}}[method]
         else:
             assert got["loss_type"] is None and got["options"] is None
         assert got["dft"] == (method == "dft")
@@ -520,6 +624,40 @@ def test_collect_builds_the_paper_table(tmp_path):
     assert all(r["MedMCQA"] == "" and r["target_avg"] == "" for r in rm) and rm[0]["general_avg"] != ""
 
 
+def test_collect_builds_the_whole_math_table_in_the_papers_order(tmp_path, capsys):
+    """Seven runs (the folders recipes/row.sh writes) -> the paper's seven math rows in its order, whatever order the
+    folders were made in; the ablation after them; a missing row is named."""
+    rows = collect.paper_rows("math")
+    assert rows == ["base", *MATH_TABLE]
+    assert [f"+ {collect.TITLES[m]}" for m in rows[1:]] == list(collect.PAPER["math"])[1:]
+    made = [*reversed(rows), "eaft_hard"]
+    for i, run in enumerate(made):
+        s = 0.40 + 0.05 * i
+        _write_run(tmp_path, run, "20260101_000000", [
+            _report("aime24", s), _report("aime25", s), _report("gsm8k", s), _report("mmlu", s),
+            _report("ifeval", s, metric="prompt_level_strict", extra_metrics=[("inst_level_strict", s)]),
+            _report("general_mcq", s, subsets={"cluewsc": s})])
+    assert collect.main([str(tmp_path), "--domain", "math", "--paper"]) == 0
+    table = list(csv.DictReader((tmp_path / "table.csv").open()))
+    assert [r["method"] for r in table] == [*rows, "eaft_hard"]
+    base = 100 * (0.40 + 0.05 * made.index("base"))
+    for r in table:
+        s = 100 * (0.40 + 0.05 * made.index(r["method"]))
+        assert math.isclose(float(r["target_avg"]), s, abs_tol=1e-3)
+        assert math.isclose(float(r["general_avg_delta"]), s - base, abs_tol=1e-3)
+    md = (tmp_path / "table.md").read_text().splitlines()
+    assert [l.split(" | ")[0][2:] for l in md[2:2 + 8]] == [*rows, "eaft_hard"]
+    assert sum(l.startswith("| paper: ") for l in md) == 7
+    assert "without results" not in capsys.readouterr().err
+
+    shutil.rmtree(tmp_path / "flow")
+    assert collect.main([str(tmp_path), "--domain", "math"]) == 0
+    err = capsys.readouterr().err
+    assert "rows of the paper's math table without results under" in err and ": flow (bash recipes/row.sh" in err
+    assert [r["method"] for r in csv.DictReader((tmp_path / "table.csv").open())] == [
+        m for m in [*rows, "eaft_hard"] if m != "flow"]
+
+
 def test_readme_states_the_paper_numbers_and_scale():
     text = (RECIPES / "README.md").read_text()
     for domain, rows in collect.PAPER.items():
@@ -561,11 +699,20 @@ def _smoke_data(domain, shared_data, data_dir: Path) -> str:
     return "glaive_toolcall_en_local"  # the Hub entry's offline twin in the same dataset_info.json
 
 
+# (domain, method, the metric that shows the method ran, its bounds)
+CPU_RUNS = [(d, "eaft", "eaft/weight", (0.0, 1.0)) for d in DOMAINS] + [
+    ("math", "sft_kl", "sft_kl/kl", (0.0, math.inf)),
+    ("math", "flow", "flow/weight", (0.0, 1.0)),
+    ("math", "talr", "talr/weight", (0.0, 1.0)),
+]
+
+
 @pytest.mark.e2e
-@pytest.mark.parametrize("domain", DOMAINS)
-def test_recipe_trains_for_real_on_cpu(domain, smollm2_dir, shared_data, tmp_path):
-    """The domain's EAFT recipe through `llamafactory-cli train`, 2 steps, model swapped for SmolLM2."""
-    cfg = yaml.safe_load((RECIPES / domain / "llamafactory" / "eaft.yaml").read_text())
+@pytest.mark.parametrize("domain,method,metric,bounds", CPU_RUNS, ids=[f"{d}-{m}" for d, m, _, _ in CPU_RUNS])
+def test_recipe_trains_for_real_on_cpu(domain, method, metric, bounds, smollm2_dir, shared_data, tmp_path):
+    """The domain's recipe of a method through `llamafactory-cli train`, 2 steps, model swapped for SmolLM2 (every
+    domain's EAFT; the math table's eaft-plugins baselines)."""
+    cfg = yaml.safe_load((RECIPES / domain / "llamafactory" / f"{method}.yaml").read_text())
     loss_keys = {k: v for k, v in cfg.items() if k in LOSS_KEYS}
     data_dir = tmp_path / "data"
     dataset = _smoke_data(domain, shared_data, data_dir)
@@ -587,7 +734,8 @@ def test_recipe_trains_for_real_on_cpu(domain, smollm2_dir, shared_data, tmp_pat
     assert state["global_step"] == 2
     logs = [h for h in state["log_history"] if "loss" in h]
     assert len(logs) == 2 and all(math.isfinite(h["loss"]) and h["loss"] > 0 for h in logs)
-    # EAFT really ran: the plugin's per-step metrics are there, weights in [0, 1]
-    weights = [h["eaft/weight"] for h in state["log_history"] if "eaft/weight" in h]
-    assert weights, f"no eaft/* metrics logged; log_history={state['log_history']}"
-    assert all(0.0 < w <= 1.0 for w in weights)
+    # the method really ran: the plugin's per-step metrics are there, in their bounds
+    values = [h[metric] for h in state["log_history"] if metric in h]
+    assert values, f"no {metric} logged; log_history={state['log_history']}"
+    low, high = bounds
+    assert all(low <= v <= high for v in values) and (method == "sft_kl" or all(v > 0 for v in values))

@@ -592,7 +592,8 @@ def test_docs_hold_the_attainability_table():
 
 # ----------------------------------------------------------------------------- 16: one command per row
 
-ROW_METHODS = ("base", "sft", "eaft")
+# The rows of each domain's table in the paper (math: all seven of its table; collect.py lists them).
+ROW_METHODS = {d: tuple(collect.paper_rows(d)) for d in ("math", "medical", "agent")}
 
 
 def _stages(domain, method, **env):
@@ -612,7 +613,8 @@ def _stages(domain, method, **env):
 @pytest.mark.parametrize("domain", ["math", "medical", "agent"])
 def test_one_command_per_row_from_data_to_table(domain):
     hp = generate.load_hparams(domain)
-    for method in ROW_METHODS:
+    assert ROW_METHODS["math"] == ("base", "sft", "sft_kl", "flow", "dft", "talr", "eaft")
+    for method in ROW_METHODS[domain]:
         stages = _stages(domain, method)
         expected = ["eval-data", "eval", "collect"] if method == "base" else ["data", "train", "eval-data", "eval", "collect"]
         assert list(stages) == expected, (domain, method, stages)
@@ -645,6 +647,13 @@ def test_rows_under_ms_swift_evaluate_their_own_output():
         assert stages["eval"][0][4] == out  # run_eval.sh takes its last checkpoint-N
     res = _bash(RECIPES / "row.sh", "math", "eaft", "--dry-run", FRAMEWORK="trl")
     assert res.returncode == 2 and "FRAMEWORK must be" in res.stderr
+    # the math baselines are rows of the math table only; each row's ms-swift launcher is swift sft's
+    res = _bash(RECIPES / "row.sh", "medical", "talr", "--dry-run")
+    assert res.returncode == 2 and "METHOD must be one of: base sft dft eaft eaft_hard" in res.stderr
+    for method in ("sft_kl", "flow", "talr"):
+        (train,) = _stages("math", method, FRAMEWORK="swift_deepspeed")["train"]
+        assert train == ["bash", "recipes/math/swift_deepspeed.sh", method]
+        assert _flags(_last(ROOT / train[1], *train[2:], "--dry-run"))["loss_type"] == method
 
 
 def test_readme_gives_each_row_its_command_and_cost():
@@ -652,7 +661,7 @@ def test_readme_gives_each_row_its_command_and_cost():
     section = text[text.index("## One command per row"):]
     section = section[:section.index("\n## ", 1)]
     for domain in ("math", "medical", "agent"):
-        for method in ROW_METHODS:
+        for method in ROW_METHODS[domain]:
             assert f"bash recipes/row.sh {domain} {method}" in section, (domain, method)
     for stage in ("data", "train", "eval"):
         assert f"| {stage}" in section

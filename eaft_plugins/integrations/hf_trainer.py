@@ -1,4 +1,5 @@
-"""EAFT for a plain `transformers.Trainer`, and the trainer-side hook that the TRL integration shares.
+"""EAFT (or SFT-KL, FLOW, TALR) for a plain `transformers.Trainer`, and the trainer-side hook that the TRL
+integration shares.
 
 One line on a trainer you already built (any causal LM; labels unshifted, -100 = not supervised):
 
@@ -12,19 +13,23 @@ replaces that trainer instance's `compute_loss` and `log`: the loss is EAFT over
 `num_items_in_batch` as the trainer's own cross-entropy (so gradient accumulation and data parallel give the
 same update as SFT would, with per-token weights), and every log adds the EAFT metrics, reduced over ranks.
 
-`EAFTHook` is the part shared with `eaft_plugins.integrations.trl` (SFTTrainer with loss_type="eaft"): one
-`EAFTRun` per trainer, the refused settings, the dense and fused forward, the metric logging.
+`with_loss(trainer, "flow", flow_tau=...)` does the same for another method of the math table ("sft_kl", "flow",
+"talr"; its keys are that method's settings, docs/loss.md).
+
+`EAFTHook` is the part shared with `eaft_plugins.integrations.trl` (SFTTrainer with loss_type="eaft", "sft_kl", ...):
+one `EAFTRun` per trainer, the refused settings, the dense and fused forward, the metric logging.
 """
 
 from __future__ import annotations
 
 from typing import Callable, Optional
 
-from ..options import KEYS, EAFTConfig, Spelling, config_from_keys
+from ..options import METHOD_KEYS, METHODS, LossConfig, Spelling, config_from_keys
 from ..run import EAFTRun
-from . import adapter
+from . import adapter, methods
 
-SPELLING = Spelling("`{key}`", "{key}={value}", "with_eaft(trainer)", python_values=True)
+SPELLING = Spelling("`{key}`", "{key}={value}", "with_eaft(trainer)", python_values=True,
+                    method_format="with_loss(trainer, {method!r})")
 
 
 class EAFTHook:
@@ -41,13 +46,15 @@ class EAFTHook:
     # ---- when the trainer is built
 
     def bind(self, trainer) -> "EAFTHook":
-        """Checks that need the built trainer, then (eaft_fused) the patched forward. ValueError before any step."""
+        """Checks that need the built trainer, then (eaft_fused) the patched forward, then what the method needs of
+        the starting model (SFT-KL, FLOW). ValueError before any step."""
         self.check_trainer(trainer)
         self.run.check_vocab(trainer.model)
         if self.run.config.fused:
             keep_logits = (getattr(trainer, "compute_metrics", None) is not None
                            or getattr(trainer, "preprocess_logits_for_metrics", None) is not None)
             self.run.patch_fused(trainer.model, keep_logits=keep_logits)
+        methods.bind(trainer, self.run)
         return self
 
     def check_trainer(self, trainer) -> None:
@@ -69,7 +76,7 @@ class EAFTHook:
     # ---- per micro-batch
 
     def compute_loss(self, trainer, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """What Trainer.compute_loss does with a loss function, with the EAFT loss: same labels (unshifted, the
+        """What Trainer.compute_loss does with a loss function, with the method's loss: same labels (unshifted, the
         model's own causal shift), same `num_items_in_batch`, same `average_tokens_across_devices` factor."""
         run = self.run
         adapter.refuse(run.spelling, parallelism(trainer), run.config.fused)
@@ -81,7 +88,10 @@ class EAFTHook:
             raise ValueError(f"{run.spelling.enabled}: the batch has no `labels`, so there is nothing to train on")
         if inputs.get("shift_labels") is not None:
             raise ValueError(f"{run.spelling.enabled}: the batch carries pre-shifted `shift_labels` (context / "
-                             "sequence parallel), which EAFT does not support; disable context / sequence parallelism")
+                             f"sequence parallel), which {run.title} does not support; disable context / sequence "
+                             "parallelism")
+        if run.needs_inputs:
+            run.prepare(trainer.model, inputs, training)
         if run.config.fused:
             outputs = run.fused_forward(training, step, labels.device, labels,
                                         lambda: model(**inputs, num_items_in_batch=num_items_in_batch))
@@ -111,12 +121,12 @@ def parallelism(trainer) -> list:
     return adapter.parallelism_observed(pc, owner)
 
 
-def settings_from_keywords(settings: dict, spelling: Spelling = SPELLING) -> EAFTConfig:
-    """`eaft_topk=20, ...` keywords to an EAFTConfig (the same parser as every framework)."""
-    unknown = sorted(k for k in settings if k not in KEYS)
+def settings_from_keywords(settings: dict, spelling: Spelling = SPELLING, method: str = "eaft") -> LossConfig:
+    """`eaft_topk=20, ...` keywords to the method's config (the same parser as every framework)."""
+    unknown = sorted(k for k in settings if k not in METHOD_KEYS[method])
     if unknown:
-        raise ValueError(f"unknown EAFT setting(s) {unknown}; allowed: {list(KEYS)}")
-    return config_from_keys(settings, spelling)
+        raise ValueError(f"unknown {METHODS[method].title} setting(s) {unknown}; allowed: {list(METHOD_KEYS[method])}")
+    return config_from_keys(settings, spelling, method)
 
 
 def with_eaft(trainer, **settings):
@@ -125,20 +135,30 @@ def with_eaft(trainer, **settings):
     Keywords: `eaft_topk`, `eaft_alpha`, `eaft_entropy_norm`, `eaft_gate`, `eaft_h_min`, `eaft_p_min`,
     `eaft_weight_norm`, `eaft_log_metrics`, `eaft_fused` (docs/trl.md). Call it before `train()`.
     """
-    shown = SPELLING.enabled
+    return with_loss(trainer, "eaft", **settings)
+
+
+def with_loss(trainer, method: str, **settings):
+    """Make an already-built `transformers.Trainer` train (and evaluate) with `method`'s loss ("eaft", "sft_kl",
+    "flow", "talr"); keywords: that method's settings (`flow_tau=...`, docs/loss.md). Returns the trainer."""
+    if method not in METHODS:
+        raise ValueError(f"with_loss: method must be one of {list(METHODS)}, got {method!r}")
+    spelling = SPELLING.for_method(method)
+    shown = spelling.enabled
     try:
         from trl import SFTTrainer
     except Exception:  # TRL absent or broken: nothing to redirect
         SFTTrainer = None
     if SFTTrainer is not None and isinstance(trainer, SFTTrainer):
-        raise ValueError(f"{shown} got a TRL SFTTrainer: use SFTConfig(loss_type='eaft', eaft_topk=...) instead "
+        example = "eaft_topk=..." if method == "eaft" else "..."
+        raise ValueError(f"{shown} got a TRL SFTTrainer: use SFTConfig(loss_type='{method}', {example}) instead "
                          "(docs/trl.md), which keeps TRL's own metrics and checks")
     if getattr(trainer, "_eaft", None) is not None:
-        raise ValueError(f"{shown}: this trainer already trains with EAFT")
+        raise ValueError(f"{shown}: this trainer already trains with {trainer._eaft.run.title}")
     if getattr(trainer, "compute_loss_func", None) is not None:
-        raise ValueError(f"{shown}: the trainer already has a compute_loss_func; EAFT replaces the loss, so pass "
-                         "only one of the two")
-    hook = EAFTHook(EAFTRun(settings_from_keywords(settings), SPELLING)).bind(trainer)
+        raise ValueError(f"{shown}: the trainer already has a compute_loss_func; {METHODS[method].title} replaces the "
+                         "loss, so pass only one of the two")
+    hook = EAFTHook(EAFTRun(settings_from_keywords(settings, SPELLING, method), SPELLING)).bind(trainer)
     trainer._eaft = hook
     own_log = trainer.log
 

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from ..ops.fused import fused_linear_eaft_loss
-from ..options import OptionsLike, make_options
+from ..options import METHODS, OptionsLike, make_method_options, make_options
 from ..stats import EAFTStats
 from .reader import HEAD_ATTRS, FamilyPlan, causal_lm_of, describe_model, router_aux_coef
 
@@ -52,9 +52,12 @@ from .reader import HEAD_ATTRS, FamilyPlan, causal_lm_of, describe_model, router
 class FusedEAFT:
     """Handle returned by `patch_model_for_fused_eaft`; the model keeps it as `model.eaft_fused`."""
 
-    def __init__(self, model: nn.Module, options, chunk_size: Optional[int], keep_logits: bool, plan: FamilyPlan):
+    def __init__(self, model: nn.Module, options, chunk_size: Optional[int], keep_logits: bool, plan: FamilyPlan,
+                 method: str = "eaft"):
         self.model = model
         self.options = options
+        self.method = method  # eaft, flow or talr (ops.fused)
+        self.sample_weights = None  # FLOW: the next call's weight of each row of labels [B]
         self.chunk_size = chunk_size
         self.keep_logits = keep_logits
         self.plan = plan
@@ -77,17 +80,23 @@ def patch_model_for_fused_eaft(
     *,
     chunk_size: Optional[int] = None,
     keep_logits: bool = False,
+    method: str = "eaft",
     **overrides,
 ) -> FusedEAFT:
-    """Patch `model` (a supported ForCausalLM, possibly PEFT- or DDP-wrapped) in place; see the module doc."""
-    opts = make_options(options, **overrides)
+    """Patch `model` (a supported ForCausalLM, possibly PEFT- or DDP-wrapped) in place; see the module doc.
+    `method` "flow" / "talr" (options: FLOWOptions / TALROptions) computes that loss instead (FLOW: set
+    `handle.sample_weights` before each call)."""
+    if method != "eaft" and not METHODS[method].fused:
+        raise ValueError(f"{METHODS[method].title} has no fused path ({METHODS[method].fused_why_not})")
+    opts = (make_options(options, **overrides) if method == "eaft"
+            else make_method_options(METHODS[method].options, options, **overrides))
     plan = describe_model(model)
     lm = causal_lm_of(model)
     _check_lm_head(lm, plan.head)
     existing = lm.__dict__.get("eaft_fused")
     if existing is not None:  # re-patching replaces the options, never stacks forwards
         existing.unpatch()
-    handle = FusedEAFT(lm, opts, chunk_size, keep_logits, plan)
+    handle = FusedEAFT(lm, opts, chunk_size, keep_logits, plan, method)
     lm.eaft_fused = handle
     # A copy of the function carrying the family's signature: HF Trainer picks dataset columns and
     # loss kwargs from inspect.signature(model.forward).
@@ -173,6 +182,7 @@ def _fused_forward(self, *args, **kwargs):
         token_scale=token_scale,
         chunk_size=handle.chunk_size,
         logit_transform=plan.transform,
+        **({} if handle.method == "eaft" else {"method": handle.method, "sample_weights": handle.sample_weights}),
     )
     handle.last_stats = out.stats
     loss = out.loss

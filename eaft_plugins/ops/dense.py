@@ -7,9 +7,9 @@ from typing import NamedTuple, Optional, Union
 import torch
 
 from ..options import EAFTOptions, OptionsLike, make_options
-from .common import (EAFTOutput, align_labels, check_finite, check_label_shapes, compute_dtype, gather_rows,
-                     loss_denominator, row_chunks, supervised_rows, ce_grad_rows)
+from .common import EAFTOutput, check_finite, compute_dtype, gather_rows, loss_denominator, row_chunks
 from .entropy import chunk_scores, finish_weights, is_exact
+from .weighted import chunk_buffer as _chunk_buffer, prepare, weighted_ce
 
 
 class TokenScores(NamedTuple):
@@ -49,8 +49,7 @@ def eaft_loss(
     if token_scale is not None:
         w = w * token_scale.reshape(-1).to(w.device, w.dtype)[idx]
     coef = w / loss_denominator(num_items_in_batch, idx.numel(), w.device)
-    value = (coef * ce).sum()
-    loss = _WeightedCE.apply(flat, idx, y, lse, coef, value, opts.rows_per_chunk(flat.size(1)))
+    loss = weighted_ce(flat, idx, y, lse, ce, coef, opts.rows_per_chunk(flat.size(1)))
     return EAFTOutput(loss, stats)
 
 
@@ -74,17 +73,8 @@ def token_scores(
 
 
 def _prepare(logits, labels, opts: EAFTOptions, shift: bool, token_scale):
-    vocab = logits.size(-1)
-    opts.check_vocab(vocab)
-    check_label_shapes(logits, "logits", "vocabulary", labels, token_scale)
-    labels, token_scale = align_labels(labels, token_scale, opts, shift, logits.device)
-    flat = logits.reshape(-1, vocab)  # a view for contiguous logits
-    idx, y = supervised_rows(labels.reshape(-1), vocab, opts.ignore_index)
-    return flat, idx, y, token_scale
-
-
-def _chunk_buffer(flat: torch.Tensor, n: int, rows: int) -> torch.Tensor:
-    return flat.new_empty((min(rows, n), flat.size(1)), dtype=compute_dtype(flat.dtype))
+    opts.check_vocab(logits.size(-1))
+    return prepare(logits, labels, opts.ignore_index, shift, token_scale)
 
 
 def _scores(flat: torch.Tensor, idx: torch.Tensor, y: torch.Tensor, opts: EAFTOptions):
@@ -107,43 +97,3 @@ def _scores(flat: torch.Tensor, idx: torch.Tensor, y: torch.Tensor, opts: EAFTOp
             lse_c, z_y, h_c = chunk_scores(z, y[start:stop], opts, work=scratch)
             lse[start:stop], ce[start:stop], h_norm[start:stop] = lse_c, lse_c - z_y, h_c
     return lse, ce, h_norm
-
-
-def _unsupervised_rows(idx: torch.Tensor, rows: int) -> torch.Tensor:
-    keep = torch.ones(rows, dtype=torch.bool, device=idx.device)
-    keep[idx] = False
-    return keep.nonzero().squeeze(1)
-
-
-class _WeightedCE(torch.autograd.Function):
-    """Returns the precomputed loss; backward is coef_t * (softmax(z_t) - onehot(y_t)), row-chunked."""
-
-    @staticmethod
-    def forward(ctx, flat, idx, y, lse, coef, value, rows):
-        ctx.save_for_backward(flat, idx, y, lse, coef)
-        ctx.rows = rows
-        return value.detach().clone()
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        flat, idx, y, lse, coef = ctx.saved_tensors
-        # empty, not zeros: supervised rows are written once below, only the others are zeroed
-        # (touching a [tokens, vocab] buffer twice costs as much as the softmax itself on CPU).
-        grad = torch.empty_like(flat)
-        grad.index_fill_(0, _unsupervised_rows(idx, flat.size(0)), 0)
-        scale = coef * grad_out.to(coef.dtype)
-        in_place = grad.dtype == compute_dtype(flat.dtype)
-        buf = None
-        for start, stop, first in row_chunks(idx, ctx.rows):
-            if first is not None and in_place:  # write straight into the gradient rows
-                z = gather_rows(flat, idx, start, stop, first)  # a view
-                ce_grad_rows(z, lse[start:stop], y[start:stop], scale[start:stop], out=grad.narrow(0, first, stop - start))
-                continue
-            buf = _chunk_buffer(flat, idx.numel(), ctx.rows) if buf is None else buf
-            z = gather_rows(flat, idx, start, stop, first, out=buf)  # our copy
-            g = ce_grad_rows(z, lse[start:stop], y[start:stop], scale[start:stop], out=z)
-            if first is not None:
-                grad.narrow(0, first, stop - start).copy_(g)
-            else:
-                grad.index_copy_(0, idx[start:stop], g.to(grad.dtype))
-        return grad, None, None, None, None, None, None

@@ -42,8 +42,8 @@ import torch
 from .entropy import chunk_scores, finish_weights, is_exact
 from .common import (EAFTOutput, loss_denominator, row_chunks, align_labels, ce_grad_rows, check_finite, check_label_shapes,
                    compute_dtype, supervised_rows)
-from ..options import EAFTOptions, OptionsLike, make_options
-from ..stats import EAFTStats
+from ..options import METHODS, EAFTOptions, OptionsLike, make_method_options, make_options
+from ..stats import EAFTStats, MethodStats
 
 @dataclass(frozen=True)
 class LogitTransform:
@@ -129,6 +129,8 @@ def fused_linear_eaft_loss(
     chunk_size: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
     logit_transform: Optional[LogitTransform] = None,
+    method: str = "eaft",
+    sample_weights: Optional[torch.Tensor] = None,
     **option_overrides,
 ) -> EAFTOutput:
     """EAFT loss of `hidden @ weight.T + bias` (then `logit_transform`) without materialising the logits.
@@ -137,8 +139,14 @@ def fused_linear_eaft_loss(
     or None, labels [...] (unshifted when shift=True). Same options, results, stats and errors
     as `eaft_loss(logit_transform(F.linear(hidden, weight, bias)), labels, ...)`. chunk_size: supervised tokens
     per chunk (default: options.chunk_size, else ~16M fp32 logits per chunk).
+
+    `method` "flow" or "talr" (options: FLOWOptions / TALROptions) gives `flow_loss` / `talr_loss` of the same logits
+    instead (FLOW: `sample_weights` [B], one per row of labels [B, T]); their stats are MethodStats.
     """
-    opts = make_options(options, **option_overrides)
+    if method != "eaft" and not METHODS[method].fused:
+        raise ValueError(f"{METHODS[method].title} has no fused path ({METHODS[method].fused_why_not})")
+    opts = (make_options(options, **option_overrides) if method == "eaft"
+            else make_method_options(METHODS[method].options, options, **option_overrides))
     if weight.dim() != 2:
         raise ValueError(f"weight must be the LM head matrix [vocab, hidden], got shape {tuple(weight.shape)}")
     vocab, width = weight.shape
@@ -146,7 +154,8 @@ def fused_linear_eaft_loss(
         raise ValueError(f"hidden states' last dimension {hidden.size(-1)} does not match weight shape {tuple(weight.shape)}")
     if bias is not None and tuple(bias.shape) != (vocab,):
         raise ValueError(f"bias shape {tuple(bias.shape)} must be ({vocab},)")
-    opts.check_vocab(vocab)
+    if method == "eaft":
+        opts.check_vocab(vocab)
     check_label_shapes(hidden, "hidden states", "hidden", labels, token_scale)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
@@ -157,11 +166,78 @@ def fused_linear_eaft_loss(
     if logit_transform is not None and not isinstance(logit_transform, LogitTransform):
         raise ValueError(f"logit_transform must be a LogitTransform or None, got {type(logit_transform).__name__}")
     rows = chunk_size or opts.rows_per_chunk(vocab)
+    weigher = (_EAFTWeights(opts, mean_weight, generator) if method == "eaft"
+               else _MethodWeights(method, opts, idx, labels, sample_weights))
     loss, stats = _FusedLinearEAFT.apply(
-        flat, weight, bias, idx, y, scale, num_items_in_batch, mean_weight, generator, opts, rows, _matmul_dtype(hidden, weight),
+        flat, weight, bias, idx, y, scale, num_items_in_batch, weigher, rows, _matmul_dtype(hidden, weight),
         torch.is_grad_enabled(), logit_transform or NO_TRANSFORM,
     )
-    return EAFTOutput(loss, EAFTStats.from_vector(stats))
+    return EAFTOutput(loss, weigher.stats_kind.from_vector(stats))
+
+
+fused_linear_loss = fused_linear_eaft_loss  # the name for any method
+
+
+class _EAFTWeights:
+    """EAFT's weights in the fused op: from each token's normalised entropy (finish_weights)."""
+
+    stats_kind = EAFTStats
+
+    def __init__(self, opts: EAFTOptions, mean_weight, generator):
+        self.opts, self.mean_weight, self.generator = opts, mean_weight, generator
+        self.score_options = opts
+        self.two_passes = needs_two_passes(opts, mean_weight)
+
+    def chunk(self, h_norm, ce, start, stop):
+        return finish_weights(h_norm, ce, self.opts, self.mean_weight)[0]
+
+    def all(self, h_norm, ce):
+        """(weights, stats) of every token (two passes)."""
+        return finish_weights(h_norm, ce, self.opts, self.mean_weight, self.generator)
+
+    def stats(self, h_norm, ce):
+        return finish_weights(h_norm, ce, self.opts, self.mean_weight)[1]
+
+
+# What FLOW and TALR score a chunk with: the exact entropy's single pass gives the logsumexp and leaves z intact
+# (the entropy itself is not used).
+_CE_ONLY = EAFTOptions(topk=None, entropy_norm="none")
+
+
+class _MethodWeights:
+    """FLOW's and TALR's weights in the fused op, from the same functions as their dense ops (ops/flow.py,
+    ops/talr.py). TALR with tau "median" needs every token's cross-entropy first: two passes."""
+
+    stats_kind = MethodStats
+
+    def __init__(self, method: str, opts, idx, labels, sample_weights):
+        from .flow import token_weights
+
+        self.method, self.opts = method, opts
+        self.rows = idx // labels.shape[-1]  # each supervised token's row of labels [B, T]
+        self.flow = token_weights(sample_weights, idx, labels) if method == "flow" else None
+        self.two_passes = method == "talr" and opts.tau is None
+
+    score_options = _CE_ONLY
+
+    def _talr(self, ce, rows):
+        from .talr import talr_weights
+
+        return talr_weights(ce, rows, self.opts)
+
+    def chunk(self, h_norm, ce, start, stop):
+        if self.flow is not None:
+            return self.flow[start:stop].to(ce.dtype)
+        return self._talr(ce, self.rows[start:stop])[0]
+
+    def all(self, h_norm, ce):
+        return self.chunk(h_norm, ce, 0, ce.numel()), self.stats(h_norm, ce)
+
+    def stats(self, h_norm, ce):
+        if self.flow is not None:
+            return MethodStats.of(ce, weight=self.flow.to(ce.dtype))
+        w, tau = self._talr(ce, self.rows)
+        return MethodStats.of(ce, weight=w, tau=tau)
 
 
 def needs_two_passes(opts: EAFTOptions, mean_weight=None) -> bool:
@@ -178,8 +254,7 @@ def _matmul_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 
 class _FusedLinearEAFT(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, flat, weight, bias, idx, y, scale, num_items, mean_weight, generator, opts, rows, mm_dtype, grad_on,
-                transform):
+    def forward(ctx, flat, weight, bias, idx, y, scale, num_items, weigher, rows, mm_dtype, grad_on, transform):
         want = [grad_on and need for need in ctx.needs_input_grad]  # no gradient work under no_grad (eval)
         with torch.no_grad(), torch.autocast(flat.device.type, enabled=False):
             run = _Chunks(flat, weight, bias, idx, y, rows, mm_dtype, want[0], want[1], want[2] and bias is not None,
@@ -194,11 +269,12 @@ class _FusedLinearEAFT(torch.autograd.Function):
                     w = w * scale[start:stop].to(w.dtype)
                 return w / denom
 
-            if needs_two_passes(opts, mean_weight):
+            opts = weigher.score_options
+            if weigher.two_passes:
                 for start, stop, first in run.chunks():
                     _score(run, run.logits(start, stop, first), y[start:stop], opts, lse, ce, h_norm, start, stop, False)
                 check_finite(lse, ce, h_norm)
-                w, stats = finish_weights(h_norm, ce, opts, mean_weight, generator)
+                w, stats = weigher.all(h_norm, ce)
                 coef.copy_(coefficients(w, 0, n))
                 if run.grads:
                     for start, stop, first in run.chunks():
@@ -207,12 +283,12 @@ class _FusedLinearEAFT(torch.autograd.Function):
                 for start, stop, first in run.chunks():
                     z = run.logits(start, stop, first)
                     _score(run, z, y[start:stop], opts, lse, ce, h_norm, start, stop, run.grads)
-                    w, _ = finish_weights(h_norm[start:stop], ce[start:stop], opts, mean_weight)
+                    w = weigher.chunk(h_norm[start:stop], ce[start:stop], start, stop)
                     coef[start:stop] = coefficients(w, start, stop)
                     if run.grads:
                         run.backprop(z, lse[start:stop], coef[start:stop], start, stop, first)
                 check_finite(lse, ce, h_norm)
-                _, stats = finish_weights(h_norm, ce, opts, mean_weight)  # stats of the whole call
+                stats = weigher.stats(h_norm, ce)  # stats of the whole call
             value = (coef * ce).sum()
         grads = run.finished()
         ctx.present = [g is not None for g in grads]
@@ -234,7 +310,7 @@ class _FusedLinearEAFT(torch.autograd.Function):
             for g in grads:
                 if g is not None:
                     g.mul_(grad_out.to(g.dtype))
-        return (*grads, None, None, None, None, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None, None)
 
 
 def _score(run, z, y, opts, lse, ce, h_norm, start, stop, keep_z):

@@ -4,13 +4,15 @@
 #   recipes/common/swift_deepspeed.sh DOMAIN METHOD [--dry-run] [-- --flag value ...]
 # Run the same command on every node with its own NODE_RANK (MASTER_ADDR = node 0).
 # ZERO_CONFIG=recipes/common/ds_z3_offload_config.json for models that do not fit (e.g. 32B on one node).
+# A method may have its own config (hparams.sh ZERO_CONFIG_<method>: SFT-KL's is ZeRO-2); ZERO_CONFIG wins.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/launch_lib.sh"
 DOMAIN=${1:?usage: $0 DOMAIN METHOD [--dry-run] [-- --flag value ...]}
 shift
 ZERO_OVERRIDE=${ZERO_CONFIG:-}
 parse_launch_args "$DOMAIN" "$@"
-ZERO_CONFIG=${ZERO_OVERRIDE:-$ZERO_CONFIG}
+METHOD_ZERO="ZERO_CONFIG_$METHOD"
+ZERO_CONFIG=${ZERO_OVERRIDE:-${!METHOD_ZERO:-$ZERO_CONFIG}}
 
 GA=$(data_parallel_grad_accum "$WORLD_SIZE")
 swift_data_args

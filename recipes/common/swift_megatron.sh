@@ -10,6 +10,14 @@ source "$(dirname "${BASH_SOURCE[0]}")/launch_lib.sh"
 DOMAIN=${1:?usage: $0 DOMAIN METHOD [--dry-run] [-- --flag value ...]}
 shift
 parse_launch_args "$DOMAIN" "$@"
+# eaft-plugins runs only EAFT on Megatron's vocab-parallel logits; DFT is ms-swift's own --enable_dft_loss,
+# which `megatron sft` has. SFT-KL, FLOW and TALR train with swift_deepspeed.sh or llamafactory.sh.
+case "$METHOD" in
+  sft_kl|flow|talr)
+    echo "METHOD $METHOD: \`megatron sft\` has no --loss_type $METHOD (eaft-plugins wires only eaft into Megatron);" \
+         "run it with recipes/$DOMAIN/swift_deepspeed.sh or recipes/$DOMAIN/llamafactory.sh (docs/loss.md)" >&2
+    exit 2 ;;
+esac
 
 TP=${TP:-$DEFAULT_TP}
 PP=${PP:-$DEFAULT_PP}

@@ -1,7 +1,8 @@
 """Collect EvalScope reports into the paper's table: target scores, target avg, general scores,
 general avg, and the change of each average against the base model.
 
-Input: one folder per run (base, sft, eaft, ...) under RESULTS, each holding EvalScope's output
+Input: one folder per run (base, sft, sft_kl, flow, dft, talr, eaft, ...: recipes/row.sh's METHOD) under RESULTS,
+listed in the paper's row order (a missing row of the paper's table is warned about), each holding EvalScope's output
 (`<timestamp>/reports/<model>/<dataset>.json`, scores in [0, 1]); run recipes/eval/run_eval.sh
 with RUN_NAME = the folder name. Later timestamps win when a dataset was evaluated twice.
   python recipes/eval/collect.py --domain math results/math [--base base] [--metric ifeval=prompt_level_strict]
@@ -36,7 +37,9 @@ DEFAULT_METRIC = {"ifeval": "inst_level_strict"}
 # Problems per benchmark scored from repeated samples: report num / problems = samples per problem.
 REPEATED = {"aime24": 30, "aime25": 30}
 MIN_REPEATS = 8  # one sample of 30 problems at temperature 0.7 moves the score by about +-9 points
+# Run folders (recipes/row.sh METHOD) in the paper's row order; eaft_hard is the ablation, after the table.
 ORDER = ["base", "sft", "sft_kl", "flow", "dft", "talr", "eaft", "eaft_hard"]
+TITLES = {"sft": "SFT", "sft_kl": "SFT-KL", "flow": "FLOW", "dft": "DFT", "talr": "TALR", "eaft": "EAFT"}
 
 # The paper's numbers (README tables of PRIS-CV/EAFT, arXiv 2601.02151), for side-by-side rows.
 PAPER = {
@@ -164,6 +167,11 @@ def to_csv(domain: str, rows: List[dict]) -> str:
     return buf.getvalue()
 
 
+def paper_rows(domain: str) -> List[str]:
+    """The run folders of the paper's table for a domain (math: base, sft, sft_kl, flow, dft, talr, eaft)."""
+    return ["base"] + [m for m, title in TITLES.items() if f"+ {title}" in PAPER[domain]]
+
+
 def _order(names: List[str], base: str) -> List[str]:
     rank = {n: i for i, n in enumerate([base] + [o for o in ORDER if o != base])}
     return sorted(names, key=lambda n: (rank.get(n, len(rank)), n))
@@ -188,6 +196,10 @@ def main(argv=None) -> int:
     runs = {n: read_run(args.results / n, metric_for) for n in _order([p.name for p in run_dirs], args.base)}
     if args.base not in runs:
         print(f"warning: no run named {args.base!r} under {args.results}: deltas left empty", file=sys.stderr)
+    missing = [m for m in paper_rows(args.domain) if m not in runs and m != "base"]
+    if missing:
+        print(f"warning: rows of the paper's {args.domain} table without results under {args.results}: "
+              f"{', '.join(missing)} (bash recipes/row.sh {args.domain} METHOD)", file=sys.stderr)
     rows = build_rows(args.domain, runs, args.base)
     md, table_csv = to_markdown(args.domain, rows, args.paper), to_csv(args.domain, rows)
     notes = [f"{ds} metric: {m}" for ds, m in sorted(metric_for.items())]

@@ -143,3 +143,50 @@ def test_a_method_is_wrapped_once_and_a_subclass_gets_its_own_wrapper():
 
     assert adapter.patch_method(Own, "f", make) is True  # its own method gets its own wrapper
     assert Own().f() == ["own", "wrapped"]
+
+
+# ---- the other methods: the same table, in their names
+
+
+FLOW_SWIFT = SWIFT.__class__("--{key}", "--{key} {value}", "--loss_type eaft", method_format="--loss_type {method}")
+
+
+@pytest.mark.parametrize("method, title", [("sft_kl", "SFT-KL"), ("flow", "FLOW"), ("talr", "TALR")])
+def test_refusals_name_the_method_and_its_own_fused_key(method, title):
+    spelling = FLOW_SWIFT.for_method(method)
+    (smoothing,) = adapter.refusals(spelling, [("label_smoothing", "label_smoothing_factor", 0.1)], False)
+    assert smoothing.startswith(f"--loss_type {method} with --label_smoothing_factor 0.1: {title} replaces the loss")
+    (liger,) = adapter.refusals(spelling, [("liger", "use_liger_kernel", True)], False)
+    assert f"the dense {title} loss needs the full logits" in liger
+    if method == "sft_kl":  # no fused path to offer
+        assert liger.endswith("Set --use_liger_kernel false") and "fused" not in liger.split("avoid")[1]
+    else:
+        assert f"Set --{method}_fused true (fused {title}" in liger
+    (channel,) = adapter.refusals(spelling, [("channel_loss", "enable_channel_loss", True)], True)
+    assert channel.startswith(f"--{method}_fused true with --enable_channel_loss") and f"--{method}_fused false" in channel
+
+
+def test_packing_is_a_flow_refusal():
+    (message,) = adapter.refusals(FLOW_SWIFT.for_method("flow"), [("packing", "packing", True)], False)
+    assert message == ("--loss_type flow with --packing: FLOW weighs each training example by its own starting loss, "
+                       "and a packed or padding-free row mixes examples; set --packing false")
+
+
+def test_keys_of_a_method_that_is_off_are_refused():
+    adapter.refuse_keys_of_other_methods(["flow_tau"], "flow", FLOW_SWIFT, "x")  # its own: fine
+    with pytest.raises(ValueError, match=r"^--flow_tau set but --loss_type is 'talr': FLOW settings only apply with "
+                                         r"--loss_type flow; add it or drop them$"):
+        adapter.refuse_keys_of_other_methods(["flow_tau", "talr_tau"], "talr", FLOW_SWIFT, "--loss_type is 'talr'")
+    with pytest.raises(ValueError, match=r"^--eaft_topk set but use_eaft_loss is false: EAFT"):
+        adapter.refuse_keys_of_other_methods(["eaft_topk"], "sft_kl", FLOW_SWIFT, "use_{method}_loss is false")
+    args = types.SimpleNamespace(eaft_topk=None, flow_tau=0.5, talr_fused=False, retention_steps=3)
+    assert adapter.given_method_keys(args) == {"flow_tau": 0.5, "talr_fused": False}
+
+
+def test_every_method_key_becomes_a_field_with_its_methods_switch_in_the_help():
+    from eaft_plugins.options import ALL_METHOD_KEYS
+
+    fields = adapter.setting_fields(FLOW_SWIFT)
+    assert set(ALL_METHOD_KEYS) <= set(fields)
+    assert fields["talr_min_weight"][1].startswith("TALR (--loss_type talr): floor of a token's weight")
+    assert fields["flow_tau"][1].endswith("(default median)") and fields["flow_tau"][2] is None

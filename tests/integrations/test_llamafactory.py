@@ -10,7 +10,9 @@ import pytest
 
 from eaft_plugins import EAFTOptions
 from eaft_plugins.tools.demo import cli_env, run_train, train_config, write_dataset, write_yaml
-from frameworks import Run, ddp_config, first_batch_reference, lf_train, save_with_tokenizer
+from eaft_plugins.options import FLOWOptions, SFTKLOptions, TALROptions
+from frameworks import (Run, check_method_steps, ddp_config, first_batch_reference, lf_train, method_first_batch,
+                        save_with_tokenizer, tiny_llama)
 
 llamafactory = pytest.importorskip("llamafactory", reason="SKIPPED: llamafactory is not installed in this environment")
 from llamafactory.hparams import get_train_args  # noqa: E402
@@ -129,6 +131,73 @@ def test_upstream_key_without_use_eaft_loss_is_refused(smollm2_dir, data_dir, tm
     # eaft_alpha is upstream's field (default 1.0), so only the keys the user wrote can tell.
     with pytest.raises(ValueError, match=r"LLaMA-Factory key `eaft_alpha` set but use_eaft_loss is false"):
         parse(smollm2_dir, data_dir, tmp_path, eaft=False, eaft_alpha=alpha)
+
+
+# ---- the math table's other losses: use_sft_kl_loss / use_flow_loss / use_talr_loss and their keys
+
+
+@pytest.mark.parametrize("flag, keys, options", [
+    ("use_sft_kl_loss", {"sft_kl_beta": 0.2, "sft_kl_direction": "reverse"}, SFTKLOptions(beta=0.2, direction="reverse")),
+    ("use_sft_kl_loss", {}, SFTKLOptions()),
+    ("use_flow_loss", {"flow_tau": "0.7", "flow_fused": True, "flow_log_metrics": "false"}, FLOWOptions(tau=0.7)),
+    ("use_flow_loss", {"flow_tau": "median"}, FLOWOptions()),
+    ("use_talr_loss", {"talr_tau": 2, "talr_min_weight": 0.0, "talr_fused": "true"}, TALROptions(tau=2.0, min_weight=0.0)),
+    ("use_talr_loss", {}, TALROptions()),
+])
+def test_method_keys_parse_into_options(smollm2_dir, data_dir, tmp_path, flag, keys, options):
+    *_, finetuning_args, _ = parse(smollm2_dir, data_dir, tmp_path, eaft=False, **{flag: True}, **keys)
+    config = finetuning_args.eaft_config
+    assert config.method == flag[4:-5] and config.options == options
+    fused = [v for k, v in keys.items() if k.endswith("_fused")]
+    assert config.fused is (bool(fused) and fused[0] in (True, "true"))
+    assert config.log_metrics is ("flow_log_metrics" not in keys)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"use_flow_loss": True, "flow_tau": "fast"}, r"LLaMA-Factory key `flow_tau` 'fast' is invalid: tau must be a "
+                                                   r"positive number or 'median'"),
+    ({"use_flow_loss": True, "flow_tau": 0}, r"`flow_tau` 0 is invalid: tau must be a positive number or 'median', got 0.0"),
+    ({"use_talr_loss": True, "talr_min_weight": 2}, r"`talr_min_weight` 2 is invalid: min_weight must be in \[0.0, 1.0\]"),
+    ({"use_sft_kl_loss": True, "sft_kl_direction": "both"},
+     r"`sft_kl_direction` 'both' is invalid: direction must be one of \['forward', 'reverse'\]"),
+    ({"use_sft_kl_loss": True, "sft_kl_beta": -1}, r"`sft_kl_beta` -1 is invalid: beta must be >= 0"),
+    ({"use_sft_kl_loss": True, "sft_kl_fused": True}, r"`sft_kl_fused` True is invalid: SFT-KL has no fused path"),
+    ({"use_talr_loss": "maybe"}, r"`use_talr_loss` 'maybe' is invalid: must be true or false"),
+    # keys of a method that is off, even at their default value
+    ({"use_talr_loss": True, "flow_tau": "median"}, r"LLaMA-Factory key `flow_tau` set but use_flow_loss is false: "
+                                                    r"FLOW settings only apply with `use_flow_loss: true`"),
+    ({"talr_fused": False}, r"`talr_fused` set but use_talr_loss is false"),
+    ({"use_flow_loss": True, "eaft_topk": 20}, r"`eaft_topk` set but use_eaft_loss is false"),
+    ({"use_flow_loss": True, "eaft_alpha": 1.0}, r"`eaft_alpha` set but use_eaft_loss is false"),
+    # two losses at once
+    ({"use_flow_loss": True, "use_talr_loss": True}, r"`use_flow_loss: true`, `use_talr_loss: true`: each chooses "
+                                                     r"the loss.*keep one"),
+    ({"use_eaft_loss": True, "use_sft_kl_loss": True}, r"`use_eaft_loss: true`, `use_sft_kl_loss: true`"),
+    ({"use_talr_loss": True, "use_dft_loss": True}, r"`use_talr_loss: true` and LLaMA-Factory key `use_dft_loss` both "
+                                                    r"replace the loss"),
+    # settings under which the method would not run
+    ({"use_sft_kl_loss": True, "label_smoothing_factor": 0.1}, r"`label_smoothing_factor` 0.1: SFT-KL replaces the "
+                                                               r"loss, so the smoothing would be dropped"),
+    ({"use_flow_loss": True, "stage": "pt"}, r"stage: pt ignores the loss; FLOW needs `stage: sft`"),
+    ({"use_flow_loss": True, "packing": True}, r"`use_flow_loss: true` with LLaMA-Factory key `packing`: FLOW weighs "
+                                               r"each training example.*set `packing: false`"),
+    ({"use_flow_loss": True, "neat_packing": True}, r"LLaMA-Factory key `neat_packing`"),
+])
+def test_method_settings_are_refused_naming_the_key(smollm2_dir, data_dir, tmp_path, overrides, match):
+    overrides = {"eaft": False, **overrides}
+    with pytest.raises(ValueError, match=match):
+        parse(smollm2_dir, data_dir, tmp_path, **overrides)
+
+
+@pytest.mark.parametrize("flag, fix", [("use_sft_kl_loss", r"Set `enable_liger_kernel: false`"),
+                                       ("use_talr_loss", r"Set `talr_fused: true` \(fused TALR.*or `enable_liger_kernel: false`")])
+def test_method_with_liger_is_refused(smollm2_dir, data_dir, tmp_path, flag, fix):
+    parsed = parse(smollm2_dir, data_dir, tmp_path, eaft=False, **{flag: True})
+    parsed[0].enable_liger_kernel = True
+    model_args, data_args, training_args, finetuning_args, _ = parsed
+    with pytest.raises(ValueError, match=rf"`{flag}: true` with LLaMA-Factory key `enable_liger_kernel`: the dense "
+                                         rf".* loss needs the full logits.*{fix}"):
+        plugin.check_combination(model_args, training_args, finetuning_args, data_args)
 
 
 def test_written_keys_from_argv():
@@ -381,6 +450,49 @@ def test_fused_on_an_unsupported_family_stops_before_training(smollm2_dir, data_
             "the causal LM loss (self.loss_function)") in proc.stderr
     assert "or set `eaft_fused: false`" in proc.stderr
     assert not (tmp_path / "out" / "trainer_state.json").exists()
+
+
+# ---- one real run per baseline method (a tiny random model: SmolLM2's weights are not the point), 2 steps of 4 rows.
+# TALR runs fused (its loss from the hidden states, no logits): step 1 must still equal the dense op.
+
+METHOD_RUNS = {
+    "sft_kl": ({"use_sft_kl_loss": True, "sft_kl_beta": 0.3, "sft_kl_direction": "reverse"},
+               {"beta": 0.3, "direction": "reverse"}),
+    "flow": ({"use_flow_loss": True}, {}),
+    "talr": ({"use_talr_loss": True, "talr_min_weight": 0.05, "talr_fused": True}, {"min_weight": 0.05}),
+}
+
+
+def method_config(model_dir, data_dir, out, method):
+    return train_config(model_dir, data_dir, out, steps=2, cutoff_len=128, eaft=False, **METHOD_RUNS[method][0])
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(smollm2_dir, tmp_path_factory):
+    return tiny_llama(smollm2_dir, tmp_path_factory.mktemp("lf_tiny") / "model", head_std=4.0)
+
+
+@pytest.fixture(scope="module")
+def method_reference(tiny_dir, data_dir, tmp_path_factory):
+    cfg = method_config(tiny_dir, data_dir, tmp_path_factory.mktemp("lf_method_ref") / "unused", "flow")
+    return method_first_batch(cfg, 4, {m: options for m, (_, options) in METHOD_RUNS.items()})
+
+
+@pytest.fixture(scope="module", params=list(METHOD_RUNS))
+def method_run(request, tiny_dir, data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lf_method") / request.param
+    return request.param, lf_train(method_config(tiny_dir, data_dir, out, request.param))
+
+
+@pytest.mark.e2e
+def test_each_method_trains_and_its_step_one_loss_is_the_op(method_run, method_reference):
+    method, run = method_run
+    check_method_steps(run.steps, method_reference[method], method, rel=1e-4)
+    if method == "sft_kl":
+        assert "the starting model is a frozen copy of the starting weights" in run.output
+    if method == "flow":
+        assert "starting losses of 24 training examples measured before step 1" in run.output
+        assert (run.out_dir / "flow_weights.json").exists()
 
 
 LF094 = ROOT / ".venv-lf094" / "bin" / "python"

@@ -16,7 +16,7 @@ from eaft_plugins import eaft_loss
 from eaft_plugins.activation import status
 from eaft_plugins.integrations.swift.args import SPELLING
 from eaft_plugins.integrations.swift.loss import EAFTLoss
-from eaft_plugins.options import EAFTConfig, EAFTOptions, config_from_keys
+from eaft_plugins.options import EAFTConfig, EAFTOptions, FLOWOptions, SFTKLOptions, TALROptions, config_from_keys
 
 IGNORE = -100
 
@@ -126,6 +126,83 @@ def test_rlhf_with_eaft_flags_is_refused_without_suggesting_loss_type():
     message = str(err.value)
     assert "--eaft_topk: EAFT is for `swift sft` / `swift pt`, not rlhf (--rlhf_type dpo)" in message
     assert "Add --loss_type" not in message
+
+
+# ---- --loss_type sft_kl / flow / talr: the math table's other losses
+
+
+def test_every_method_is_a_loss_type():
+    from swift.arguments import SftArguments  # noqa: F401
+    from swift.loss import loss_map
+
+    assert all(loss_map[m] is EAFTLoss for m in ("eaft", "sft_kl", "flow", "talr"))
+
+
+@pytest.mark.parametrize("flags, options, fused", [
+    ({"loss_type": "sft_kl", "sft_kl_beta": "0.2", "sft_kl_direction": "reverse"},
+     SFTKLOptions(beta=0.2, direction="reverse"), False),
+    ({"loss_type": "flow", "flow_tau": "0.5", "flow_fused": "true"}, FLOWOptions(tau=0.5), True),
+    ({"loss_type": "talr", "talr_tau": "median", "talr_min_weight": "0"}, TALROptions(min_weight=0.0), False),
+    ({"loss_type": "talr"}, TALROptions(), False),
+])
+def test_method_flags_become_options(flags, options, fused):
+    """What SftArguments.__post_init__ checks (a full parse of valid flags would go on to load the model)."""
+    from types import SimpleNamespace
+
+    from eaft_plugins.integrations.swift.args import check_arguments
+
+    config = check_arguments(SimpleNamespace(**flags))
+    assert config.method == flags["loss_type"] and config.options == options and config.fused is fused
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--loss_type", "flow", "--flow_tau", "hot"], r"^--flow_tau 'hot' is invalid: tau must be a positive number or "
+                                                   r"'median'"),
+    (["--loss_type", "talr", "--talr_min_weight", "1.5"], r"^--talr_min_weight 1.5 is invalid: min_weight must be in "
+                                                          r"\[0.0, 1.0\]"),
+    (["--loss_type", "sft_kl", "--sft_kl_direction", "up"], r"^--sft_kl_direction 'up' is invalid: direction must be "
+                                                            r"one of \['forward', 'reverse'\]"),
+    (["--loss_type", "sft_kl", "--sft_kl_fused", "true"], r"^--sft_kl_fused True is invalid: SFT-KL has no fused "
+                                                          r"path .*set --sft_kl_fused false"),
+    (["--flow_tau", "1"], r"--flow_tau set but --loss_type is None: FLOW settings only apply with --loss_type flow"),
+    (["--loss_type", "talr", "--sft_kl_beta", "0.5"], r"--sft_kl_beta set but --loss_type is 'talr': SFT-KL settings "
+                                                      r"only apply with --loss_type sft_kl"),
+    (["--loss_type", "flow", "--eaft_topk", "20"], r"--eaft_topk set but --loss_type is 'flow'"),
+    (["--loss_type", "talr", "--enable_dft_loss", "true"], r"--loss_type talr and --enable_dft_loss both replace the "
+                                                           r"loss"),
+    (["--loss_type", "sft_kl", "--sequence_parallel_size", "2"], r"--loss_type sft_kl does not support "
+                                                                 r"--sequence_parallel_size 2: the SFT-KL loss"),
+    (["--loss_type", "flow", "--label_smoothing_factor", "0.1"], r"FLOW replaces the loss.*--label_smoothing_factor 0"),
+    (["--loss_type", "flow", "--packing", "true"], r"--loss_type flow with --packing: FLOW weighs each training "
+                                                   r"example.*set --packing false"),
+    (["--loss_type", "flow", "--padding_free", "true"], r"--loss_type flow with --padding_free"),
+    (["--loss_type", "sft_kl", "--use_liger_kernel", "true"], r"--loss_type sft_kl with --use_liger_kernel: the dense "
+                                                              r"SFT-KL loss needs the full logits.* Set "
+                                                              r"--use_liger_kernel false$"),
+    (["--loss_type", "talr", "--use_liger_kernel", "true"], r"Set --talr_fused true \(fused TALR"),
+])
+def test_method_settings_are_refused_naming_the_flag(argv, message):
+    with pytest.raises(ValueError, match=message):
+        parse(argv)
+
+
+def test_rlhf_with_method_flags_is_refused():
+    from swift.arguments import RLHFArguments
+    from swift.utils import parse_args
+
+    with pytest.raises(ValueError, match=r"--talr_tau: TALR is for `swift sft` / `swift pt`, not rlhf"):
+        parse_args(RLHFArguments, ["--model", "m", "--dataset", "d.jsonl", "--rlhf_type", "dpo", "--talr_tau", "1"])
+
+
+@pytest.mark.parametrize("loss_type", ["sft_kl", "flow", "talr"])
+def test_megatron_refuses_the_other_methods(loss_type):
+    from types import SimpleNamespace
+
+    from eaft_plugins.integrations.swift import megatron
+
+    with pytest.raises(ValueError, match=rf"--loss_type {loss_type} is not wired into `megatron sft`.*run {loss_type} "
+                                         r"with `swift sft`"):
+        megatron.configure(SimpleNamespace(loss_type=loss_type))
 
 
 def test_quoted_booleans_are_parsed():

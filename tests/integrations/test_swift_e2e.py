@@ -313,3 +313,71 @@ def test_liger_without_fused_errors_naming_the_fix(smollm2_dir, scaled_data, tmp
     assert "--loss_type eaft with --use_liger_kernel" in proc.stderr
     assert "Set --eaft_fused true" in proc.stderr and "or --use_liger_kernel false" in proc.stderr
     assert not (tmp_path / "logging.jsonl").exists()
+
+
+# ---- --loss_type sft_kl / flow / talr: one real `swift sft` run each, on a tiny random model (SmolLM2's weights are
+# not the point), the loss-scaled rows, 2 steps of 2 micro-batches x 2 rows (both steps see the same 4 rows).
+# FLOW runs fused (no logits): step 1 must still equal the dense op.
+
+METHOD_RUNS = {
+    "sft_kl": (("--sft_kl_beta", "0.3"), {"beta": 0.3}),
+    "flow": (("--flow_fused", "true"), {}),
+    "talr": (("--talr_tau", "1.5"), {"tau": 1.5}),  # a given tau: the sum over rows does not depend on the grouping
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(smollm2_dir, tmp_path_factory):
+    from frameworks import tiny_llama
+
+    return tiny_llama(smollm2_dir, tmp_path_factory.mktemp("swift_tiny") / "model", head_std=4.0)
+
+
+@pytest.fixture(scope="module", params=list(METHOD_RUNS))
+def method_run(request, tiny_dir, scaled_data, tmp_path_factory):
+    data, _ = scaled_data
+    method = request.param
+    return method, swift_sft(tiny_dir, data, tmp_path_factory.mktemp(f"swift_{method}"), "--loss_type", method,
+                             "--is_binary_loss_scale", "false", *METHOD_RUNS[method][0])
+
+
+def method_reference(tiny_dir, rows, method, options):
+    """Step 1 recomputed: swift's own encoding of the 4 rows, the untouched model on each row, the method's op per
+    row with N = the step's supervised tokens (SFT-KL: the starting model is the model itself at step 1; FLOW: the
+    weights from the 4 rows' starting losses)."""
+    from transformers import AutoModelForCausalLM
+
+    from eaft_plugins.ops.flow import flow_loss, flow_weights, sequence_losses
+    from eaft_plugins.ops.sft_kl import sft_kl_loss
+    from eaft_plugins.ops.talr import talr_loss
+    from eaft_plugins.stats import MethodStats
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_dir), dtype=torch.float32).eval()
+    ref = per_token(model, encode_like_swift(tiny_dir, rows, is_binary_loss_scale=False))
+    n = ref["ce"].numel()
+    parts = zip(ref["logits"], ref["labels"], ref["loss_scale"])
+    weights = flow_weights(torch.cat([sequence_losses(z[None], y[None]) for z, y in zip(ref["logits"], ref["labels"])]))[0]
+    outs = []
+    for i, (z, y, s) in enumerate(parts):
+        kw = dict(token_scale=s[None], num_items_in_batch=n, **options)
+        if method == "sft_kl":
+            outs.append(sft_kl_loss(z[None], y[None], z[None].clone(), **kw))
+        elif method == "flow":
+            outs.append(flow_loss(z[None], y[None], weights[i:i + 1], **kw))
+        else:
+            outs.append(talr_loss(z[None], y[None], **kw))
+    stats = sum((o.stats for o in outs[1:]), outs[0].stats)
+    return dict(MethodStats.means(stats, f"{method}/"), loss=sum(o.loss.item() for o in outs))
+
+
+def test_each_method_trains_and_its_step_one_loss_is_the_op(tiny_dir, scaled_data, method_run):
+    from frameworks import check_method_steps
+
+    _, rows = scaled_data
+    method, (proc, logged) = method_run
+    check_method_steps(logged, method_reference(tiny_dir, rows, method, METHOD_RUNS[method][1]), method, rel=2e-4,
+                       tokens=False)  # ms-swift logs the means, not the token count
+    step1 = logged[0]
+    if method == "flow":
+        assert "token_acc" not in step1  # the fused path never builds logits
+        assert "starting losses of 4 training examples measured before step 1" in proc.stdout + proc.stderr

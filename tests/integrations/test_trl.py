@@ -110,6 +110,46 @@ def _reference(trainer, topk=TOPK, alpha=ALPHA):
             "rows_with_prompt_masked": int((labels[:, 0] == IGNORE).sum()), "rows": int(labels.shape[0])}
 
 
+# The math table's other losses: one run each, on a tiny random model (SmolLM2's weights are not the point), 2 steps
+# of 2 micro-batches x 1 row (both steps see the same 2 rows). TALR runs fused (no logits). (SFTConfig fields, the op's
+# options)
+METHOD_SCENARIOS = {
+    "sft_kl": ({"sft_kl_beta": 0.3, "sft_kl_direction": "reverse"}, {"beta": 0.3, "direction": "reverse"}),
+    "flow": ({}, {}),
+    "talr": ({"talr_min_weight": 0.05, "talr_fused": True}, {"min_weight": 0.05}),
+}
+
+
+def _method_reference(trainer, method, options):
+    """Step 1 recomputed with the method's op on the untrained model and the batch TRL's collator builds from every
+    training row, one micro-batch (row) at a time with N = the step's supervised tokens. SFT-KL: the starting model
+    is the model itself at step 1; FLOW: the weights from the rows' starting losses (tau: their median)."""
+    import torch
+
+    from eaft_plugins.ops.flow import flow_loss, flow_weights, sequence_losses
+    from eaft_plugins.ops.sft_kl import sft_kl_loss
+    from eaft_plugins.ops.talr import talr_loss
+
+    ds = trainer.train_dataset
+    batch = trainer.data_collator([ds[i] for i in range(len(ds))])
+    labels = batch["labels"]
+    with torch.no_grad():
+        logits = trainer.model(**{k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}).logits.float()
+    n = int((labels != IGNORE).sum())
+    weights = flow_weights(sequence_losses(logits, labels))[0]
+    outs = []
+    for i in range(labels.shape[0]):
+        z, y = logits[i:i + 1], labels[i:i + 1]
+        if method == "sft_kl":
+            outs.append(sft_kl_loss(z, y, z.clone(), num_items_in_batch=n, **options))
+        elif method == "flow":
+            outs.append(flow_loss(z, y, weights[i:i + 1], num_items_in_batch=n, **options))
+        else:
+            outs.append(talr_loss(z, y, num_items_in_batch=n, **options))
+    stats = sum((o.stats for o in outs[1:]), outs[0].stats)
+    return dict(stats.means(f"{method}/"), loss=sum(o.loss.item() for o in outs))
+
+
 def _train(trainer):
     trainer.train()
     return [dict(r) for r in trainer.state.log_history]
@@ -210,7 +250,18 @@ def scenarios(out_json, with_hf=""):
     res["assistant"] = _train(t)
     lap("assistant_only")
 
-    # 7. refused settings
+    # 7. SFT-KL, FLOW, TALR (METHOD_SCENARIOS)
+    sys.path.insert(0, str(ROOT / "tests"))
+    from frameworks import tiny_llama
+
+    tiny = tiny_llama(model_dir, tmp / "tiny", head_std=4.0)
+    for method, (fields, options) in METHOD_SCENARIOS.items():
+        t = _trainer(tiny, tmp / method, rows, max_steps=2, loss_type=method, **fields)
+        res[f"{method}_ref"] = _method_reference(t, method, options)
+        res[method] = _train(t)
+        lap(method)
+
+    # 8. refused settings
     model = _model(model_dir)
     res["errors"] = {
         "topk_over_vocab": _error(lambda: _trainer(model_dir, tmp / "e1", rows, model=model, loss_type="eaft",
@@ -387,6 +438,17 @@ def test_step1_loss_and_metrics_equal_recomputation(run):
 
 
 @pytest.mark.e2e
+@pytest.mark.parametrize("method", list(METHOD_SCENARIOS))
+def test_each_method_trains_and_its_step_one_loss_is_the_op(run, method):
+    from frameworks import check_method_steps
+
+    steps = _steps(run[method])
+    check_method_steps(steps, run[f"{method}_ref"], method, rel=2e-4)
+    if method == "talr":
+        assert "mean_token_accuracy" not in steps[0]  # fused: no logits were built
+
+
+@pytest.mark.e2e
 def test_eval_loss_is_eaft_with_eval_metrics(run):
     evals = [r for r in run["eaft"] if "eval_loss" in r]
     assert len(evals) == 1, run["eaft"]
@@ -479,6 +541,19 @@ def test_torchrun_two_processes_reduce_metrics(smollm2_dir, tmp_path):
     assert _steps(r0["logs"])[0]["loss"] == pytest.approx(ref["loss"], rel=5e-3)
 
 
+def _cli_config(tmp_path, model_dir, loss: str) -> Path:
+    """A `trl sft` YAML config (2 steps of 1 row, CPU) over 2 rows, with `loss` (YAML lines) choosing the loss."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(2, seed=9)))
+    config = tmp_path / "sft.yaml"
+    config.write_text(
+        f"model_name_or_path: {model_dir}\ndataset_name: {data}\noutput_dir: {tmp_path / 'out'}\n{loss}"
+        "max_steps: 2\nper_device_train_batch_size: 1\nmax_length: 128\n"
+        "logging_steps: 1\nsave_strategy: 'no'\nreport_to: none\nbf16: false\nuse_cpu: true\n")
+    return config
+
+
 @pytest.mark.e2e
 @pytest.mark.parametrize("venv", list(VENVS))
 def test_trl_sft_cli_with_yaml_config(venv, smollm2_dir, tmp_path):
@@ -487,14 +562,7 @@ def test_trl_sft_cli_with_yaml_config(venv, smollm2_dir, tmp_path):
     # `trl` command imports every trainer first, and its DPO trainer needs `mergekit`, which .venv lacks (it fails
     # the same without eaft-plugins): there the script runs directly, as the launcher would run it.
     cli = [str(Path(python).with_name("trl")), "sft"] if venv == "trl-newest" else [python, "-m", "trl.scripts.sft"]
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(2, seed=9)))
-    config = tmp_path / "sft.yaml"
-    config.write_text(
-        f"model_name_or_path: {smollm2_dir}\ndataset_name: {data}\noutput_dir: {tmp_path / 'out'}\n"
-        "loss_type: eaft\neaft_alpha: 0.5\nmax_steps: 2\nper_device_train_batch_size: 1\nmax_length: 128\n"
-        "logging_steps: 1\nsave_strategy: 'no'\nreport_to: none\nbf16: false\nuse_cpu: true\n")
+    config = _cli_config(tmp_path, smollm2_dir, "loss_type: eaft\neaft_alpha: 0.5\n")
     proc = _run([*cli, "--config", str(config), "--eaft_topk", "12",
                  "--dataloader_num_workers", "0"])
     text = proc.stdout + proc.stderr
@@ -506,6 +574,21 @@ def test_trl_sft_cli_with_yaml_config(venv, smollm2_dir, tmp_path):
                          capture_output=True, text=True, timeout=600, check=False, cwd=ROOT)
     assert bad.returncode != 0
     assert "SFTConfig field `eaft_gate` (--eaft_gate) 'sharp' is invalid" in bad.stderr
+
+
+@pytest.mark.e2e
+def test_trl_sft_cli_runs_another_method(smollm2_dir, tmp_path):
+    """`trl sft` (the newest TRL) with loss_type flow from the YAML and a flow_* flag: parsed by TrlParser, trained,
+    logged. The scenarios above check each method's numbers; this is the CLI's route, on a tiny model."""
+    from frameworks import tiny_llama
+
+    python = _python("trl-newest")
+    config = _cli_config(tmp_path, tiny_llama(smollm2_dir, tmp_path / "tiny"), "loss_type: flow\n")
+    proc = _run([str(Path(python).with_name("trl")), "sft", "--config", str(config), "--flow_tau", "2.0",
+                 "--dataloader_num_workers", "0"])
+    text = proc.stdout + proc.stderr
+    assert len([line for line in text.splitlines() if "flow/weight" in line]) == 2, text[-4000:]
+    assert "tau = 2 (given)" in text
 
 
 # The plain-Trainer one-liners run beside TRL 0.24's scenarios (LLaMA-Factory's transformers): that instance only.

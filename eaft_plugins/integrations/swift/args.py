@@ -19,12 +19,13 @@ from __future__ import annotations
 import sys
 from typing import Optional
 
-from ...options import KEYS, EAFTConfig, Spelling, config_from_keys, parse_bool
+from ...options import METHOD_KEYS, METHODS, SETTINGS_BY_KEY, LossConfig, Spelling, config_from_keys, parse_bool
 from ...retention import keys as retention_keys
 from .. import adapter
 
 LOSS_TYPE = "eaft"
-SPELLING = Spelling("--{key}", "--{key} {value}", f"--loss_type {LOSS_TYPE}")
+LOSS_TYPES = tuple(METHODS)  # --loss_type eaft, sft_kl, flow, talr (ms-swift's own DFT: --enable_dft_loss true)
+SPELLING = Spelling("--{key}", "--{key} {value}", f"--loss_type {LOSS_TYPE}", method_format="--loss_type {method}")
 FORK_FLAG = "enable_eaft_loss"  # the paper's fork
 FORK_ENTROPY_NORM = "upstream"  # the fork divides the top-20 entropy by 3.0, as LLaMA-Factory 0.9.5 does
 
@@ -51,23 +52,29 @@ def resolve_fork_flag(args) -> None:
         args.eaft_entropy_norm = FORK_ENTROPY_NORM
 
 
-def check_arguments(args) -> Optional[EAFTConfig]:
-    """Refuse settings under which EAFT would not be applied; return the config (None: EAFT off)."""
+def check_arguments(args) -> Optional[LossConfig]:
+    """Refuse settings under which the loss method would not be applied; return the config (None: none of ours)."""
     resolve_fork_flag(args)
-    given = adapter.given_keys(args)
+    given = adapter.given_method_keys(args)
     loss_type = getattr(args, "loss_type", None)
+    method = loss_type if loss_type in LOSS_TYPES else None
     rlhf_type = getattr(args, "rlhf_type", None)
-    if rlhf_type is not None and (loss_type == LOSS_TYPE or given):
-        shown = [f"--loss_type {LOSS_TYPE}"] if loss_type == LOSS_TYPE else []
-        raise ValueError(f"{', '.join(shown + [SPELLING.shown(k) for k in given])}: EAFT is for `swift sft` / "
-                         f"`swift pt`, not rlhf (--rlhf_type {rlhf_type}); drop the EAFT flags.")
-    if loss_type != LOSS_TYPE:
-        adapter.refuse_keys_without_eaft(given, SPELLING, f"--loss_type is {loss_type!r}")
+    if rlhf_type is not None and (method is not None or given):
+        title = METHODS[method or SETTINGS_BY_KEY[next(iter(given))].method].title  # the flags' method
+        shown = [f"--loss_type {method}"] if method is not None else []
+        raise ValueError(f"{', '.join(shown + [SPELLING.shown(k) for k in given])}: {title} is for `swift sft` / "
+                         f"`swift pt`, not rlhf (--rlhf_type {rlhf_type}); drop the {title} flags.")
+    adapter.refuse_keys_of_other_methods(given, method, SPELLING, f"--loss_type is {loss_type!r}")
+    if method is None:
         return None
-    config = config_from_keys({k: getattr(args, k, None) for k in KEYS}, SPELLING)
+    config = config_from_keys({k: getattr(args, k, None) for k in METHOD_KEYS[method]}, SPELLING, method)
     # Without --eaft_fused, ms-swift pops the labels before the forward (a loss_type is set), so Liger's fused
     # linear cross-entropy never runs: the full logits are built anyway, and its loss-only evaluation fails.
-    adapter.refuse(SPELLING, observed(args), config.fused)
+    seen = observed(args)
+    if method == "flow":
+        seen += [("packing", "packing", getattr(args, "packing", False)),
+                 ("packing", "padding_free", getattr(args, "padding_free", False))]
+    adapter.refuse(SPELLING.for_method(method), seen, config.fused)
     return config
 
 

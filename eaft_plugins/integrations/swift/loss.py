@@ -1,4 +1,5 @@
-"""`--loss_type eaft` for ms-swift's Seq2SeqTrainer: the object registered as loss_map['eaft'].
+"""`--loss_type eaft` for ms-swift's Seq2SeqTrainer: the object registered as loss_map['eaft'] (and as
+loss_map['sft_kl'], ['flow'], ['talr']: the same object runs whichever method --loss_type chose).
 
 The trainer calls it as `loss(outputs, labels, num_items_in_batch=..., loss_scale=..., trainer=...)`
 with unshifted labels. When ms-swift's per-token `loss_scale` is present, Seq2SeqTrainer has already
@@ -23,10 +24,10 @@ from swift.loss.base import BaseLoss
 from ...activation import record_error, record_patch
 from ...ops.common import shift_labels
 from ...run import EAFTRun, metric_names, metric_values
-from .. import adapter
-from .args import LOSS_TYPE, SPELLING, observed
+from .. import adapter, methods
+from .args import LOSS_TYPE, LOSS_TYPES, SPELLING, observed
 
-METRIC_KEYS = metric_names("train")
+METRIC_KEYS = metric_names("train")  # EAFT's; a run of another method logs metric_names("train", run.method)
 
 
 class EAFTLoss(BaseLoss):
@@ -47,12 +48,12 @@ class EAFTLoss(BaseLoss):
             return
         task_type = getattr(trainer, "task_type", "causal_lm")
         if task_type != "causal_lm":
-            raise ValueError(f"--loss_type {LOSS_TYPE} needs --task_type causal_lm, got {task_type!r}")
-        _check_sequence_parallel(trainer, self.fused_requested, args)
+            raise ValueError(f"--loss_type {self.run.method} needs --task_type causal_lm, got {task_type!r}")
+        _check_sequence_parallel(trainer, self.fused_requested, args, self.run.spelling)
         if self.log_metrics:
             for mode in ("train", "eval"):
                 log = _MetricLog(self.run, mode, args)
-                for key in METRIC_KEYS:  # on every rank, so the ranks' metric keys always agree
+                for key in metric_names("train", self.run.method):  # on every rank: the ranks' metric keys agree
                     trainer.custom_metrics[mode][key] = _Metric(log, key)
 
     options = property(lambda self: self.run.options)
@@ -63,14 +64,16 @@ class EAFTLoss(BaseLoss):
     def __call__(self, outputs, labels, *, num_items_in_batch=None, loss_scale=None, **kwargs):
         trainer = kwargs.get("trainer") or self.trainer
         if self.fused_requested and trainer is not None:
+            key = f"{self.run.method}_fused"
             raise RuntimeError(
-                f"{SPELLING.assign('eaft_fused', True)} is set, but the trainer computed the loss from the logits: "
-                "the fused EAFT path was not installed on this trainer (run `python -m eaft_plugins doctor`); never "
-                f"falling back to the dense loss silently. Drop {SPELLING.shown('eaft_fused')} or fix the installation."
+                f"{SPELLING.assign(key, True)} is set, but the trainer computed the loss from the logits: "
+                f"the fused {self.run.title} path was not installed on this trainer (run `python -m eaft_plugins "
+                f"doctor`); never falling back to the dense loss silently. Drop {SPELLING.shown(key)} or fix the "
+                "installation."
             )
         logits = getattr(outputs, "logits", outputs)
         if trainer is not None:
-            _check_sequence_parallel(trainer, False)
+            _check_sequence_parallel(trainer, False, spelling=self.run.spelling)
         labels = shift_labels(labels, self.options.ignore_index)
         token_scale = None if loss_scale is None else loss_scale.reshape(labels.shape)  # already shifted
         training = trainer is not None and trainer.model.training
@@ -80,25 +83,44 @@ class EAFTLoss(BaseLoss):
 
     def bind_trainer(self, trainer) -> None:
         """At the end of Seq2SeqTrainer.__init__ (model set, no step taken): check the top-K against the
-        vocabulary, and with --eaft_fused patch the model and the trainer's compute_loss.
+        vocabulary, set up what SFT-KL / FLOW need of the starting model, and with --<method>_fused patch the model
+        and the trainer's compute_loss.
 
         Raises ValueError, before any training step, for what cannot be honoured.
         """
         self.run.check_vocab(trainer.model)
-        if not self.fused_requested or self.fused is not None:
+        if getattr(trainer, "_eaft_bound", None) is self:
             return
-        _check_sequence_parallel(trainer, True)  # and the channel loss, which needs the logits
+        trainer._eaft_bound = self
+        methods.bind(trainer, self.run)
+        if not self.fused_requested:
+            if self.run.needs_inputs:
+                trainer.compute_loss = _Prepared(self.run, trainer, trainer.compute_loss)
+            return
+        _check_sequence_parallel(trainer, True, spelling=self.run.spelling)  # and the channel loss (needs logits)
         from swift.template import Template
 
         own = getattr(type(trainer.template), "compute_sft_loss", None)
         if own is not None and own is not Template.compute_sft_loss:
             raise ValueError(
-                f"{SPELLING.assign('eaft_fused', True)}: the template {type(trainer.template).__name__} computes its "
-                f"own loss (compute_sft_loss), which the fused path would bypass; drop {SPELLING.shown('eaft_fused')}."
+                f"{SPELLING.assign(f'{self.run.method}_fused', True)}: the template {type(trainer.template).__name__} "
+                f"computes its own loss (compute_sft_loss), which the fused path would bypass; drop "
+                f"{SPELLING.shown(f'{self.run.method}_fused')}."
             )
         # Logits only where an eval metric consumes them (under no_grad), never for training.
         self.run.patch_fused(trainer.model, keep_logits=trainer.compute_metrics is not None)
         trainer.compute_loss = _FusedComputeLoss(self, trainer)
+
+
+class _Prepared:
+    """Seq2SeqTrainer.compute_loss for SFT-KL and FLOW (dense): the run sees the batch before the forward."""
+
+    def __init__(self, run: EAFTRun, trainer, compute_loss):
+        self.run, self.trainer, self.compute_loss = run, trainer, compute_loss
+
+    def __call__(self, model, inputs, *args, **kwargs):
+        self.run.prepare(self.trainer.model, inputs, self.trainer.model.training)
+        return self.compute_loss(model, inputs, *args, **kwargs)
 
 
 class _FusedComputeLoss:
@@ -123,8 +145,10 @@ class _FusedComputeLoss:
             text_position_ids = inputs.get("position_ids")
         inputs.pop("channel", None)
         inputs.pop("skip_logits", None)  # Trainer.prediction_step's Liger flag: this forward never builds logits anyway
+        if eaft.run.needs_inputs:
+            eaft.run.prepare(trainer.model, inputs, trainer.model.training)
         labels = inputs.pop("labels", None)
-        _check_sequence_parallel(trainer, True)
+        _check_sequence_parallel(trainer, True, spelling=eaft.run.spelling)
         training = trainer.model.training
         mode = "train" if training else "eval"
         outputs = eaft.run.fused_forward(
@@ -154,11 +178,11 @@ class _FusedComputeLoss:
         return (loss, outputs) if return_outputs else loss
 
 
-def _check_sequence_parallel(trainer, fused: bool, args=None) -> None:
+def _check_sequence_parallel(trainer, fused: bool, args=None, spelling=SPELLING) -> None:
     """What the trainer really runs (its template's sequence parallel size), through the refusal table."""
     size = getattr(getattr(trainer, "template", None), "sequence_parallel_size", 1) or 1
     args = args if args is not None else trainer.args
-    adapter.refuse(SPELLING, [entry for entry in observed(args, size) if entry[0] in ("parallel", "channel_loss")],
+    adapter.refuse(spelling, [entry for entry in observed(args, size) if entry[0] in ("parallel", "channel_loss")],
                    fused)
 
 
@@ -175,8 +199,9 @@ class _MetricLog:
         # EAFT key of a round does the (collective) reduction, the other three read its result.
         # ms-swift adds the eval_ prefix itself, so both modes use the train names.
         if key not in self._unread:
-            self._values = metric_values(self.run.acc[self.mode].pop(device=self._args.device))
-            self._unread = set(METRIC_KEYS)
+            self._values = metric_values(self.run.acc[self.mode].pop(device=self._args.device), "train",
+                                         self.run.method)
+            self._unread = set(metric_names("train", self.run.method))
         self._unread.discard(key)
         return self._values.get(key)  # None (not logged) when no token was supervised
 
@@ -196,13 +221,15 @@ class _Metric:
 
 
 def register(mapping) -> None:
-    """loss_map['eaft'] = EAFTLoss, unless something else holds that name (recorded, left as is)."""
-    existing = mapping.loss_map.get(LOSS_TYPE)
-    if existing is not None and existing is not EAFTLoss:
-        record_error("swift", f"swift.loss.mapping.loss_map[{LOSS_TYPE!r}] already holds {existing!r}; left as is")
-        return
-    mapping.loss_map[LOSS_TYPE] = EAFTLoss
-    record_patch("swift", f"swift.loss.mapping.loss_map[{LOSS_TYPE!r}] = EAFTLoss")
+    """loss_map['eaft'] (and 'sft_kl', 'flow', 'talr') = EAFTLoss, unless something else holds that name (recorded,
+    left as is)."""
+    for loss_type in LOSS_TYPES:
+        existing = mapping.loss_map.get(loss_type)
+        if existing is not None and existing is not EAFTLoss:
+            record_error("swift", f"swift.loss.mapping.loss_map[{loss_type!r}] already holds {existing!r}; left as is")
+            continue
+        mapping.loss_map[loss_type] = EAFTLoss
+        record_patch("swift", f"swift.loss.mapping.loss_map[{loss_type!r}] = EAFTLoss")
 
 
 register(sys.modules["swift.loss.mapping"])  # imported by `swift.loss.base` above

@@ -32,7 +32,7 @@ from ...activation import guarded, record_patch
 from ...options import EAFTConfig
 from ...run import EAFTRun, metric_pairs
 from .. import adapter
-from .args import LOSS_TYPE, SPELLING, check_arguments, extend_sft_arguments
+from .args import LOSS_TYPE, LOSS_TYPES, SPELLING, check_arguments, extend_sft_arguments
 
 NAME = "swift"
 LANGUAGE_MODULE = "megatron.core.models.common.language_module.language_module"
@@ -108,7 +108,11 @@ def _patch_language_module(module) -> None:
 
 def configure(args) -> Optional[EAFTConfig]:
     """Validate `megatron sft/pt` arguments; the EAFTConfig (None: EAFT off)."""
-    if getattr(args, "loss_type", None) == LOSS_TYPE:
+    loss_type = getattr(args, "loss_type", None)
+    if loss_type in LOSS_TYPES and loss_type != LOSS_TYPE:
+        raise ValueError(f"--loss_type {loss_type} is not wired into `megatron sft` (eaft-plugins runs only EAFT on "
+                         f"Megatron's vocab-parallel logits); run {loss_type} with `swift sft` (docs/swift.md)")
+    if loss_type == LOSS_TYPE:
         if getattr(args, "rlhf_type", None) is not None:
             raise ValueError(f"--loss_type {LOSS_TYPE} is for `megatron sft` / `megatron pt`, not `megatron rlhf`.")
         task_type = getattr(args, "task_type", None)

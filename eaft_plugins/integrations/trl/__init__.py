@@ -1,4 +1,6 @@
-"""TRL: `SFTTrainer` with `SFTConfig(loss_type="eaft", eaft_topk=20, ...)`, and `trl sft --loss_type eaft`.
+"""TRL: `SFTTrainer` with `SFTConfig(loss_type="eaft", eaft_topk=20, ...)`, and `trl sft --loss_type eaft`; the
+same for the math table's other losses, `loss_type="sft_kl"`, `"flow"`, `"talr"` (their keys: sft_kl_*, flow_*,
+talr_*). TRL's own `loss_type="dft"` is DFT.
 
 Activated by the `.pth` bootstrap when `trl` is imported (entry point `trl` of `eaft_plugins.frameworks`):
 
@@ -24,13 +26,15 @@ from typing import Optional
 
 from ...hooks import when_imported
 from ...activation import distribution_version, guarded, record_error, record_patch
-from ...options import KEYS, EAFTConfig, Spelling, config_from_keys
+from ...options import METHOD_KEYS, METHODS, LossConfig, Spelling, config_from_keys
 from ...retention import keys as retention_keys
 from .. import adapter
 
 NAME = "trl"
 LOSS_TYPE = "eaft"
-SPELLING = Spelling("SFTConfig field `{key}` (--{key})", "{key}={value}", 'loss_type="eaft"', python_values=True)
+LOSS_TYPES = tuple(METHODS)  # eaft, sft_kl, flow, talr: each a loss_type of SFTConfig
+SPELLING = Spelling("SFTConfig field `{key}` (--{key})", "{key}={value}", 'loss_type="eaft"', python_values=True,
+                    method_format='loss_type="{method}"')
 # (release prefix, why it is supported). Others: loss_type="eaft" is refused, naming these.
 SUPPORTED = (("0.24", "the release LLaMA-Factory 0.9.5 pins"), ("1.16", "the newest release, tested"))
 SUPPORTED_TEXT = " and ".join(f"{v}.x ({why})" for v, why in SUPPORTED)
@@ -57,21 +61,27 @@ def is_new_trl() -> bool:
         return False
 
 
-def check_config(args) -> Optional[EAFTConfig]:
-    """Refuse an SFTConfig under which EAFT would not be applied; return the config (None: EAFT off)."""
+def check_config(args) -> Optional[LossConfig]:
+    """Refuse an SFTConfig under which its loss method would not be applied; return the config (None: TRL's own
+    loss)."""
     loss_type = getattr(args, "loss_type", None)
-    if loss_type != LOSS_TYPE:
-        adapter.refuse_keys_without_eaft(adapter.given_keys(args), SPELLING, f"loss_type={loss_type!r}")
+    method = loss_type if loss_type in LOSS_TYPES else None
+    adapter.refuse_keys_of_other_methods(adapter.given_method_keys(args), method, SPELLING, f"loss_type={loss_type!r}")
+    if method is None:
         return None
+    spelling = SPELLING.for_method(method)
     version = trl_version()
     if not version_supported(version):
         raise ValueError(
-            f"{SPELLING.enabled}: eaft-plugins supports TRL {SUPPORTED_TEXT}; found trl {version}. Install a supported "
+            f"{spelling.enabled}: eaft-plugins supports TRL {SUPPORTED_TEXT}; found trl {version}. Install a supported "
             "release, e.g. pip install 'trl==1.16.0' (or 'trl==0.24.0'), or use another loss_type.")
-    config = config_from_keys({k: getattr(args, k, None) for k in KEYS}, SPELLING)
+    config = config_from_keys({k: getattr(args, k, None) for k in METHOD_KEYS[method]}, SPELLING, method)
     observed = [("liger", "use_liger_kernel", getattr(args, "use_liger_kernel", False)),
                 ("label_smoothing", "label_smoothing_factor", getattr(args, "label_smoothing_factor", 0))]
-    adapter.refuse(SPELLING, observed + adapter.parallelism_observed(getattr(args, "parallelism_config", None),
+    if method == "flow":
+        observed += [("packing", "packing", getattr(args, "packing", False)),
+                     ("packing", "padding_free", getattr(args, "padding_free", False))]
+    adapter.refuse(spelling, observed + adapter.parallelism_observed(getattr(args, "parallelism_config", None),
                                                                      "parallelism_config"), config.fused)
     return config
 
@@ -80,7 +90,7 @@ def check_config(args) -> Optional[EAFTConfig]:
 
 
 def extend_sft_config(cls) -> bool:
-    """Our settings as SFTConfig fields in place, "eaft" among loss_type's choices, checked in __post_init__."""
+    """Our settings as SFTConfig fields in place, our methods among loss_type's choices, checked in __post_init__."""
     if not adapter.add_setting_fields(cls, SPELLING, framework=f"trl {trl_version()}", prepare=_add_loss_type_choice):
         return False
 
@@ -98,15 +108,16 @@ def extend_sft_config(cls) -> bool:
 
 
 def _add_loss_type_choice(cls, annotations: dict, own_fields: dict) -> None:
-    """'eaft' among loss_type's choices (TRL 1.x checks them) and in its help."""
+    """Our methods among loss_type's choices (TRL 1.x checks them) and in its help."""
     loss_field = own_fields.get("loss_type")
     if loss_field is None:
         return
     meta = dict(loss_field.metadata)
-    if "choices" in meta and LOSS_TYPE not in meta["choices"]:
-        meta["choices"] = list(meta["choices"]) + [LOSS_TYPE]
+    if "choices" in meta:
+        meta["choices"] = list(meta["choices"]) + [m for m in LOSS_TYPES if m not in meta["choices"]]
     meta["help"] = (meta.get("help", "") + f" '{LOSS_TYPE}': Entropy-Adaptive Fine-Tuning (eaft-plugins; "
-                    "its settings are the eaft_* fields).").strip()
+                    "its settings are the eaft_* fields). 'sft_kl', 'flow', 'talr': the EAFT paper's math baselines "
+                    "SFT-KL, FLOW, TALR (eaft-plugins; sft_kl_*, flow_*, talr_* fields).").strip()
     loss_field.metadata = types.MappingProxyType(meta)
     if "loss_type" not in annotations:  # inherited: declare it here so the new metadata is used
         annotations["loss_type"] = loss_field.type
@@ -117,7 +128,7 @@ def _add_loss_type_choice(cls, annotations: dict, own_fields: dict) -> None:
 
 
 def patch_sft_trainer(cls) -> bool:
-    """Wrap SFTTrainer.__init__ / compute_loss / log; a trainer without loss_type="eaft" is untouched."""
+    """Wrap SFTTrainer.__init__ / compute_loss / log; a trainer whose loss_type is not ours is untouched."""
 
     def make_init(init):
         signature = inspect.signature(init)
@@ -133,22 +144,25 @@ def patch_sft_trainer(cls) -> bool:
     def init_eaft(self, init, signature, *a, **kw):
         bound = signature.bind(self, *a, **kw)
         args = bound.arguments.get("args")
-        if getattr(args, "loss_type", None) != LOSS_TYPE:
+        method = getattr(args, "loss_type", None)
+        if method not in LOSS_TYPES:
             return init(self, *a, **kw)
+        spelling = SPELLING.for_method(method)
         if type(self) is not cls and type(self).__module__.startswith("trl."):
-            raise ValueError(f"{SPELLING.enabled} is for SFTTrainer; {type(self).__name__} computes its own loss")
+            raise ValueError(f"{spelling.enabled} is for SFTTrainer; {type(self).__name__} computes its own loss")
         if bound.arguments.get("compute_loss_func") is not None:
-            raise ValueError(f"{SPELLING.enabled} with a compute_loss_func: both replace the loss; pass only one of "
+            raise ValueError(f"{spelling.enabled} with a compute_loss_func: both replace the loss; pass only one of "
                              "the two")
-        if getattr(args, "eaft_config", None) is None:  # loss_type set after the SFTConfig was built
+        config = getattr(args, "eaft_config", None)
+        if config is None or config.method != method:  # loss_type set after the SFTConfig was built
             args.eaft_config = check_config(args)
         run = adapter.run_for(args, SPELLING)
         args.loss_type = "nll"  # TRL prepares data, labels, PEFT and collator exactly as for its own "nll"
         try:
             init(self, *a, **kw)
         finally:
-            args.loss_type = LOSS_TYPE
-        self.args.loss_type = LOSS_TYPE
+            args.loss_type = method
+        self.args.loss_type = method
         from ..hf_trainer import EAFTHook
 
         run.router_aux = False  # _trl_metrics adds TRL's own router loss, dense and fused
@@ -161,8 +175,8 @@ def patch_sft_trainer(cls) -> bool:
             if hook is None:
                 return compute_loss(self, model, inputs, return_outputs=return_outputs,
                                     num_items_in_batch=num_items_in_batch)
-            if self.args.loss_type != LOSS_TYPE:
-                raise ValueError(f"trainer built with {SPELLING.enabled}, but args.loss_type is now "
+            if self.args.loss_type != hook.run.method:
+                raise ValueError(f"trainer built with {hook.run.spelling.enabled}, but args.loss_type is now "
                                  f"{self.args.loss_type!r}")
             inputs["use_cache"] = False
             if getattr(self, "aux_loss_enabled", False) and is_new_trl():
@@ -240,15 +254,18 @@ def _trl_metrics(trainer, inputs, outputs, labels, mode, loss, num_items_in_batc
 
 def _extend(module) -> None:
     if extend_sft_config(module.SFTConfig):
-        record_patch(NAME, f"trl.SFTConfig: loss_type '{LOSS_TYPE}', eaft_* and retention_* fields")
+        record_patch(NAME, f"trl.SFTConfig: loss_type {', '.join(repr(m) for m in LOSS_TYPES)}, their settings and "
+                           "retention_* fields")
     version = trl_version()
     if not version_supported(version):
-        record_error(NAME, f"trl {version} is not a supported release ({SUPPORTED_TEXT}): loss_type='eaft' is refused")
+        record_error(NAME, f"trl {version} is not a supported release ({SUPPORTED_TEXT}): loss_type='eaft' (and our "
+                           "other methods) is refused")
 
 
 def _patch(module) -> None:
     if patch_sft_trainer(module.SFTTrainer):
-        record_patch(NAME, "trl.SFTTrainer: __init__ / compute_loss / log (EAFT when loss_type='eaft')")
+        record_patch(NAME, "trl.SFTTrainer: __init__ / compute_loss / log (EAFT when loss_type='eaft'; SFT-KL, FLOW, "
+                           "TALR for 'sft_kl', 'flow', 'talr')")
 
 
 def activate() -> None:
