@@ -340,7 +340,7 @@ def hf_trainer(model_dir, out, probe):
     from datasets import Dataset
     from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-    from eaft_plugins.integrations.hf_trainer import with_eaft
+    from eaft_plugins.integrations.hf_trainer import with_eaft, with_loss
     from eaft_plugins.retention import with_retention
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
@@ -362,7 +362,15 @@ def hf_trainer(model_dir, out, probe):
     logs = _train(trainer)
     bad = _error(lambda: with_eaft(Trainer(model=_model(model_dir), args=args, data_collator=collator),
                                    eaft_gate="sharp"))
-    return {"ref": ref, "logs": logs, "bad": bad, "retention": _retention(trainer)}
+    res = {"ref": ref, "logs": logs, "bad": bad, "retention": _retention(trainer)}
+    # with_loss for the methods that hold starting-model state (SFT-KL's frozen copy, FLOW's weights pass)
+    for method in ("sft_kl", "flow"):
+        args.output_dir = str(out / method)
+        t = with_loss(Trainer(model=_model(model_dir), args=args, train_dataset=Dataset.from_list(encoded),
+                              data_collator=collator, processing_class=tok), method)
+        res[f"{method}_ref"] = _method_reference(t, method, {})
+        res[method] = _train(t)
+    return res
 
 
 # ================================================================================================
@@ -598,6 +606,16 @@ def test_hf_trainer_one_liner(run):
     res = run["hf"]
     _check_step1(_steps(res["logs"])[0], res["ref"])
     assert "`eaft_gate` 'sharp' is invalid" in res["bad"]
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("run", ["trl024"], indirect=True)
+@pytest.mark.parametrize("method", ["sft_kl", "flow"])
+def test_with_loss_on_a_plain_trainer(run, method):
+    from frameworks import check_method_steps
+
+    res = run["hf"]
+    check_method_steps(_steps(res[method]), res[f"{method}_ref"], method, rel=2e-4)
 
 
 def _retention_rows(logs, steps):
