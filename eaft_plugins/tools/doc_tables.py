@@ -1,4 +1,5 @@
-"""The generated tables in docs/: the option tables, from the option schema (`options.SETTINGS`), and the
+"""The generated tables in docs/: the option tables, from the option schema (`options.SETTINGS`; `methods`: the
+SFT-KL / FLOW / TALR keys of `options.METHOD_SETTINGS`), and the
 families table, from the stored family sweeps (`eaft_plugins.models.families`, one per transformers release).
 
 An option table sits between `<!-- options table: KIND -->` and `<!-- end of options table -->`, the families
@@ -15,15 +16,17 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from ..options import SETTINGS, EAFTOptions
+from ..options import METHOD_SETTINGS, SETTINGS, EAFTOptions
 
-_ALLOWED = {"topk": "integer >= 2, or `full`", "float": "number", "bool": "`true`, `false`", "int": "integer"}
+_ALLOWED = {"topk": "integer >= 2, or `full`", "float": "number", "bool": "`true`, `false`", "int": "integer",
+            "tau": "`median`, or a number > 0"}
 # KIND -> (first column header, how a setting is written there)
 KINDS = {
     "loss": ("option", "`{name}`"),
     "llamafactory": ("YAML key", "`{key}`"),
     "swift": ("flag", "`--{key}`"),
     "trl": ("field / flag", "`{key}`"),
+    "methods": ("key (YAML key, `--flag`, SFTConfig field)", "`{key}`"),  # SFT-KL, FLOW, TALR
 }
 _BLOCK = re.compile(r"(<!-- options table: (\w+)[^>]*-->\n)(.*?)(<!-- end of options table -->)", re.S)
 _FAMILIES = re.compile(r"(<!-- families table -->\n)(.*?)(<!-- end of families table -->)", re.S)
@@ -31,6 +34,9 @@ DOCS = Path(__file__).resolve().parents[2] / "docs"  # the source checkout's
 
 
 def _rows(kind: str):
+    if kind == "methods":
+        return [(s.name, s.key, s.kind, s.default_text, s.choices, s.help)
+                for method, group in METHOD_SETTINGS.items() if method != "eaft" for s in group]
     if kind != "loss":
         return [(s.name, s.key, s.kind, s.default_text, s.choices, s.help) for s in SETTINGS]
     rows = []

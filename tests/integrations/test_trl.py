@@ -584,19 +584,26 @@ def test_trl_sft_cli_with_yaml_config(venv, smollm2_dir, tmp_path):
     assert "SFTConfig field `eaft_gate` (--eaft_gate) 'sharp' is invalid" in bad.stderr
 
 
+CLI_METHODS = {"sft_kl": ("--sft_kl_beta", "0.1", "sft_kl/kl"), "flow": ("--flow_tau", "2.0", "flow/weight"),
+               "talr": ("--talr_min_weight", "0.05", "talr/weight")}
+
+
 @pytest.mark.e2e
-def test_trl_sft_cli_runs_another_method(smollm2_dir, tmp_path):
-    """`trl sft` (the newest TRL) with loss_type flow from the YAML and a flow_* flag: parsed by TrlParser, trained,
-    logged. The scenarios above check each method's numbers; this is the CLI's route, on a tiny model."""
+@pytest.mark.parametrize("method", list(CLI_METHODS))
+def test_trl_sft_cli_runs_each_method(method, smollm2_dir, tmp_path):
+    """`trl sft` (the newest TRL) with loss_type <method> from the YAML and one <method>_* flag: parsed by TrlParser,
+    trained, logged. The scenarios above check each method's numbers; this is the CLI's route, on a tiny model."""
     from frameworks import tiny_llama
 
+    flag, value, metric = CLI_METHODS[method]
     python = _python("trl-newest")
-    config = _cli_config(tmp_path, tiny_llama(smollm2_dir, tmp_path / "tiny"), "loss_type: flow\n")
-    proc = _run([str(Path(python).with_name("trl")), "sft", "--config", str(config), "--flow_tau", "2.0",
+    config = _cli_config(tmp_path, tiny_llama(smollm2_dir, tmp_path / "tiny"), f"loss_type: {method}\n")
+    proc = _run([str(Path(python).with_name("trl")), "sft", "--config", str(config), flag, value,
                  "--dataloader_num_workers", "0"])
     text = proc.stdout + proc.stderr
-    assert len([line for line in text.splitlines() if "flow/weight" in line]) == 2, text[-4000:]
-    assert "tau = 2 (given)" in text
+    assert len([line for line in text.splitlines() if metric in line]) == 2, text[-4000:]
+    if method == "flow":
+        assert "tau = 2 (given)" in text
 
 
 # The plain-Trainer one-liners run beside TRL 0.24's scenarios (LLaMA-Factory's transformers): that instance only.
