@@ -7,9 +7,9 @@ from typing import NamedTuple, Optional, Union
 import torch
 
 from ..options import EAFTOptions, OptionsLike, make_options
-from .common import EAFTOutput, check_finite, compute_dtype, gather_rows, loss_denominator, row_chunks
+from .common import EAFTOutput, check_finite, compute_dtype, gather_rows, row_chunks
 from .entropy import chunk_scores, finish_weights, is_exact
-from .weighted import chunk_buffer as _chunk_buffer, prepare, weighted_ce
+from .weighted import chunk_buffer as _chunk_buffer, coefficients, prepare, weighted_ce
 
 
 class TokenScores(NamedTuple):
@@ -46,9 +46,7 @@ def eaft_loss(
     lse, ce, h_norm = _scores(flat, idx, y, opts)
     check_finite(lse, ce, h_norm)
     w, stats = finish_weights(h_norm, ce, opts, mean_weight, generator)
-    if token_scale is not None:
-        w = w * token_scale.reshape(-1).to(w.device, w.dtype)[idx]
-    coef = w / loss_denominator(num_items_in_batch, idx.numel(), w.device)
+    coef = coefficients(w, token_scale, idx, num_items_in_batch)
     loss = weighted_ce(flat, idx, y, lse, ce, coef, opts.rows_per_chunk(flat.size(1)))
     return EAFTOutput(loss, stats)
 

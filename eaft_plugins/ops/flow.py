@@ -14,8 +14,8 @@ import torch
 
 from ..options import FLOWOptions, make_method_options
 from ..stats import MethodStats
-from .common import EAFTOutput as LossOutput, loss_denominator
-from .weighted import ce_scores, check_scores, prepare, weighted_ce
+from .common import EAFTOutput as LossOutput
+from .weighted import ce_scores, check_scores, coefficients, prepare, row_means, weighted_ce
 
 
 def median(values: torch.Tensor) -> float:
@@ -45,11 +45,7 @@ def sequence_losses(logits: torch.Tensor, labels: torch.Tensor, *, shift: bool =
     opts = FLOWOptions(ignore_index=ignore_index, chunk_size=chunk_size)
     flat, idx, y, _ = prepare(logits.detach(), labels, ignore_index, shift, None)
     _, ce = ce_scores(flat, idx, y, opts.rows_per_chunk(flat.size(1)))
-    per_row = labels.reshape(rows, -1).shape[1]
-    row = (idx // per_row)
-    total = torch.zeros(rows, dtype=torch.float64, device=ce.device).index_add_(0, row, ce.double())
-    count = torch.zeros(rows, dtype=torch.float64, device=ce.device).index_add_(0, row, torch.ones_like(ce, dtype=torch.float64))
-    return total / count  # 0 / 0: NaN, a row that teaches nothing
+    return row_means(ce, idx // labels.reshape(rows, -1).shape[1], rows)  # NaN: a row that teaches nothing
 
 
 def token_weights(sample_weights, idx: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -90,6 +86,5 @@ def flow_loss(
     lse, ce = ce_scores(flat, idx, y, chunk)
     check_scores(lse, ce)
     w = w.to(ce.dtype)
-    coef = w if token_scale is None else w * token_scale.reshape(-1).to(w.device, w.dtype)[idx]
-    coef = coef / loss_denominator(num_items_in_batch, idx.numel(), w.device)
+    coef = coefficients(w, token_scale, idx, num_items_in_batch)
     return LossOutput(weighted_ce(flat, idx, y, lse, ce, coef, chunk), MethodStats.of(ce, weight=w))

@@ -19,8 +19,8 @@ import torch
 
 from ..options import SFTKLOptions, make_method_options
 from ..stats import MethodStats
-from .common import EAFTOutput as LossOutput, compute_dtype, gather_rows, loss_denominator, row_chunks
-from .weighted import check_scores, prepare, _unsupervised_rows
+from .common import EAFTOutput as LossOutput, compute_dtype, gather_rows, row_chunks
+from .weighted import check_scores, coefficients, prepare, _unsupervised_rows
 
 
 def sft_kl_loss(
@@ -52,8 +52,7 @@ def sft_kl_loss(
         raise ValueError(f"the KL to the starting model is not finite at {int((~torch.isfinite(kl)).sum())} supervised "
                          "token(s): the starting model gives probability 0 (a -inf logit) where the model does not "
                          "(reverse KL), or its logits hold NaN")
-    coef = torch.ones_like(ce) if token_scale is None else token_scale.reshape(-1).to(ce.device, ce.dtype)[idx]
-    coef = coef / loss_denominator(num_items_in_batch, idx.numel(), ce.device)
+    coef = coefficients(torch.ones_like(ce), token_scale, idx, num_items_in_batch)
     value = (coef * (ce + opts.beta * kl)).sum()
     loss = _SFTKL.apply(flat, ref, idx, y, lse, lse_ref, kl, coef, value, opts.beta, opts.direction, rows)
     return LossOutput(loss, MethodStats.of(ce, kl=kl))

@@ -14,9 +14,9 @@ import torch
 
 from ..options import TALROptions, make_method_options
 from ..stats import MethodStats
-from .common import EAFTOutput as LossOutput, loss_denominator
+from .common import EAFTOutput as LossOutput
 from .flow import median
-from .weighted import ce_scores, check_scores, prepare, weighted_ce
+from .weighted import ce_scores, check_scores, coefficients, prepare, row_means, weighted_ce
 
 
 def talr_weights(ce: torch.Tensor, row: torch.Tensor, opts: TALROptions):
@@ -26,9 +26,8 @@ def talr_weights(ce: torch.Tensor, row: torch.Tensor, opts: TALROptions):
         if tau is None:
             if ce.numel() == 0:
                 return torch.empty_like(ce), None
-            total = torch.zeros(int(row.max()) + 1, dtype=torch.float64, device=ce.device).index_add_(0, row, ce.double())
-            count = torch.bincount(row, minlength=total.numel()).double()
-            tau = median(total[count > 0] / count[count > 0])
+            means = row_means(ce, row, int(row.max()) + 1)
+            tau = median(means[~means.isnan()])  # rows without a supervised token have no mean
             tau = max(tau, torch.finfo(torch.float32).tiny)  # a batch fitted exactly: every weight tends to 1 or 0
         w = torch.exp(-ce / tau).clamp_min(opts.min_weight)
     return w, float(tau)
@@ -55,6 +54,5 @@ def talr_loss(
     lse, ce = ce_scores(flat, idx, y, chunk)
     check_scores(lse, ce)
     w, tau = talr_weights(ce, idx // labels.shape[-1], opts)
-    coef = w if token_scale is None else w * token_scale.reshape(-1).to(w.device, w.dtype)[idx]
-    coef = coef / loss_denominator(num_items_in_batch, idx.numel(), w.device)
+    coef = coefficients(w, token_scale, idx, num_items_in_batch)
     return LossOutput(weighted_ce(flat, idx, y, lse, ce, coef, chunk), MethodStats.of(ce, weight=w, tau=tau))

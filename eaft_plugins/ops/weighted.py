@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from .common import (align_labels, check_label_shapes, compute_dtype, gather_rows, row_chunks, supervised_rows,
-                     ce_grad_rows)
+from .common import (align_labels, check_label_shapes, compute_dtype, gather_rows, loss_denominator, row_chunks,
+                     supervised_rows, ce_grad_rows)
 
 
 def prepare(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, shift: bool, token_scale):
@@ -49,6 +49,23 @@ def ce_scores(flat: torch.Tensor, idx: torch.Tensor, y: torch.Tensor, rows: int)
             lse[start:stop] = lse_c
             ce[start:stop] = lse_c - z.gather(1, y[start:stop].unsqueeze(1)).squeeze(1)
     return lse, ce
+
+
+def coefficients(weight: torch.Tensor, token_scale, idx: torch.Tensor, num_items_in_batch) -> torch.Tensor:
+    """c_t = weight_t * token_scale_t / N for each supervised token (token_scale None: 1; N: num_items_in_batch, else
+    the supervised tokens)."""
+    if token_scale is not None:
+        weight = weight * token_scale.reshape(-1).to(weight.device, weight.dtype)[idx]
+    return weight / loss_denominator(num_items_in_batch, idx.numel(), weight.device)
+
+
+def row_means(values: torch.Tensor, row: torch.Tensor, rows: int) -> torch.Tensor:
+    """The mean of `values` [N] within each of `rows` rows (`row` [N]: each value's row), in float64; NaN for a row
+    with no value."""
+    total = torch.zeros(rows, dtype=torch.float64, device=values.device).index_add_(0, row, values.double())
+    count = torch.zeros(rows, dtype=torch.float64, device=values.device).index_add_(
+        0, row, torch.ones_like(values, dtype=torch.float64))
+    return total / count
 
 
 def check_scores(lse: torch.Tensor, ce: torch.Tensor) -> None:
